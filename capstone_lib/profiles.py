@@ -1,0 +1,207 @@
+"""Named run profiles: one code path, several scales.
+
+A profile is data (model names, sizes, steps, batch, learning rates, paths), never a
+branch in the code. ``get_profile()`` reads ``CAPSTONE_PROFILE`` (default ``auto``).
+Each stage reads only its own section (``profile.pretrain``, ``profile.stage1`` ...).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROFILE_NAMES = ("smoke", "cpu", "t4", "a100", "a100x8")
+
+# ---------------------------------------------------------------------------------
+# Section defaults shared by the small profiles. Every number here is a setting a
+# learner may change; the comments say what it is for.
+# ---------------------------------------------------------------------------------
+_SHAPES_SMOKE = dict(
+    seed=0, image_size=64, n_train=48, n_val=16, max_objects=3,
+    captions_per_image=3, questions_per_image=3, corpus_docs=400,
+)
+_SHAPES_CPU = dict(
+    seed=0, image_size=64, n_train=3000, n_val=300, max_objects=3,
+    captions_per_image=4, questions_per_image=4, corpus_docs=20000,
+)
+
+_BASE: dict[str, dict[str, Any]] = {
+    "runtime": dict(device="cpu", precision="fp32", num_workers=0, seed=1234,
+                    drive_dir=None, keep_checkpoints=2, allow_skips=False),
+    "data": dict(source="shapesworld", shapesworld=_SHAPES_SMOKE, coco_root=None,
+                 llava_json=None, llava_images=None, redpajama_dir=None, subset=None),
+    "pretrain": dict(
+        # LitGPT model config: a named config (``pythia-160m``) or a dict for a custom one.
+        model_name="pythia-capstone-smoke",
+        model_config=dict(block_size=128, n_layer=2, n_head=2, n_embd=32,
+                          intermediate_size=128, rotary_percentage=0.25,
+                          parallel_residual=True, bias=True),
+        tokenizer="train",           # "train" (local BPE) or a hub id such as EleutherAI/pythia-160m
+        vocab_size=512,
+        max_tokens=40_000, micro_batch_size=8, global_batch_size=8,
+        lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1,
+        precision="32-true", save_interval=10, eval_interval=10, log_interval=1,
+        devices=1, num_nodes=1, strategy="auto",
+    ),
+    "vision": dict(
+        # "tiny-clip": a small CLIP trained contrastively on ShapesWorld in notebook 02;
+        # otherwise a hub id such as openai/clip-vit-base-patch32.
+        encoder="tiny-clip",
+        tiny_config=dict(image_size=64, patch_size=16, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
+                         text_hidden_size=32, text_layers=2),
+        clip_train_steps=5, clip_batch_size=16, clip_lr=2e-3,
+        feature_layer=-2, drop_cls=True, cache_batch_size=64,
+    ),
+    "stage1": dict(
+        projector="mlp2x_gelu", lr=1e-3, weight_decay=0.0, warmup_ratio=0.03,
+        epochs=1, max_steps=4, micro_batch_size=4, grad_accum=2, max_len=96,
+        grad_clip=1.0, eval_every=2, save_every=2, n_eval_captions=4,
+    ),
+    "stage2": dict(
+        quantize_4bit=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
+        lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+        lr=2e-3, projector_lr=2e-4, weight_decay=0.0, warmup_ratio=0.03,
+        epochs=1, max_steps=4, micro_batch_size=4, grad_accum=2, max_len=128,
+        grad_clip=1.0, gradient_checkpointing=False, eval_every=2, save_every=2,
+    ),
+    "audio": dict(whisper_model="bundled-tiny.en", device="cpu", compute_type="int8",
+                  max_seconds=60.0, backend="faster-whisper"),
+    "eval": dict(n_questions=32, n_captions=16, max_new_tokens=32),
+    "demo": dict(host="127.0.0.1", port=7860, max_upload_mb=10, max_question_chars=500),
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Recursively merge ``override`` into a deep copy of ``base``."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_CPU = _merge(_BASE, {
+    "data": dict(shapesworld=_SHAPES_CPU),
+    "pretrain": dict(
+        model_name="pythia-capstone-cpu",
+        model_config=dict(block_size=256, n_layer=4, n_head=4, n_embd=128,
+                          intermediate_size=512, rotary_percentage=0.25,
+                          parallel_residual=True, bias=True),
+        vocab_size=1024, max_tokens=3_000_000, micro_batch_size=16, global_batch_size=32,
+        lr=2e-3, min_lr=2e-4, warmup_steps=30, save_interval=100, eval_interval=50,
+        log_interval=10,
+    ),
+    "vision": dict(tiny_config=dict(image_size=64, patch_size=8, hidden_size=64,
+                                    intermediate_size=256, num_hidden_layers=4,
+                                    num_attention_heads=4, projection_dim=64,
+                                    text_hidden_size=64, text_layers=2),
+                   clip_train_steps=600, clip_batch_size=64),
+    "stage1": dict(max_steps=None, micro_batch_size=32, grad_accum=1, eval_every=200,
+                   save_every=200, n_eval_captions=64),
+    "stage2": dict(max_steps=None, lr=1e-3, projector_lr=2e-4, micro_batch_size=16,
+                   grad_accum=1, lora_r=16, lora_alpha=32, eval_every=200, save_every=200),
+    "eval": dict(n_questions=300, n_captions=100),
+})
+
+_GPU_COMMON = {
+    "data": dict(source="real", subset=20_000),
+    "pretrain": dict(model_name="pythia-160m", model_config=None,
+                     tokenizer="EleutherAI/pythia-160m", max_tokens=50_000_000,
+                     micro_batch_size=4, global_batch_size=128, lr=6e-4, min_lr=6e-5,
+                     warmup_steps=200, save_interval=500, eval_interval=250, log_interval=20),
+    "vision": dict(encoder="openai/clip-vit-base-patch32", cache_batch_size=256),
+    "lm": dict(name="microsoft/phi-2"),
+    "stage1": dict(lr=1e-3, max_steps=None, max_len=128, eval_every=500, save_every=500,
+                   n_eval_captions=16),
+    "stage2": dict(lora_r=128, lora_alpha=256, lora_dropout=0.05,
+                   lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+                   lr=2e-4, projector_lr=2e-5, max_len=2048, gradient_checkpointing=True,
+                   max_steps=None, eval_every=500, save_every=500),
+    "audio": dict(whisper_model="small", device="cuda", compute_type="float16"),
+    "eval": dict(n_questions=300, n_captions=200, max_new_tokens=64),
+}
+
+_A100 = _merge(_BASE, _merge(_GPU_COMMON, {
+    "runtime": dict(device="cuda", precision="bf16", num_workers=4),
+    "pretrain": dict(precision="bf16-mixed"),
+    "stage1": dict(micro_batch_size=32, grad_accum=8),      # effective batch 256 (LLaVA-1.5)
+    "stage2": dict(micro_batch_size=8, grad_accum=16),      # effective batch 128
+}))
+_T4 = _merge(_BASE, _merge(_GPU_COMMON, {
+    "runtime": dict(device="cuda", precision="fp16", num_workers=2),   # no bf16 on a T4
+    "pretrain": dict(precision="16-mixed"),
+    "stage1": dict(micro_batch_size=16, grad_accum=16),     # effective batch 256
+    "stage2": dict(micro_batch_size=4, grad_accum=32, max_len=512),
+    "audio": dict(whisper_model="base"),
+}))
+_A100X8 = _merge(_A100, {
+    "pretrain": dict(devices=8),
+    "stage1": dict(micro_batch_size=32, grad_accum=1),      # 8 ranks x 32 = 256
+    "stage2": dict(micro_batch_size=8, grad_accum=2),       # 8 ranks x 8 x 2 = 128
+})
+
+_RAW: dict[str, dict[str, Any]] = {
+    "smoke": _merge(_BASE, {"lm": dict(name=None)}),
+    "cpu": _merge(_CPU, {"lm": dict(name=None)}),
+    "t4": _T4,
+    "a100": _A100,
+    "a100x8": _A100X8,
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A named, read-only bundle of settings; ``profile.stage1.lr`` and friends."""
+
+    name: str
+    raw: dict[str, Any] = field(repr=False)
+
+    def __getattr__(self, section: str) -> SimpleNamespace:
+        raw = object.__getattribute__(self, "raw")
+        if section not in raw:
+            raise AttributeError(f"profile {self.name!r} has no section {section!r}")
+        return SimpleNamespace(**raw[section])
+
+    @property
+    def run_dir(self) -> Path:
+        """Where this profile's artifacts go: ``runs/<profile>/`` (or ``$CAPSTONE_RUNS/<profile>``)."""
+        root = Path(os.environ.get("CAPSTONE_RUNS", REPO_ROOT / "runs"))
+        return root / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        """A deep copy of the settings, e.g. to write next to a checkpoint."""
+        return copy.deepcopy(self.raw)
+
+
+def detect_auto() -> str:
+    """Pick ``a100``/``t4`` from the GPU present, else ``cpu``."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            major, _ = torch.cuda.get_device_capability(0)
+            return "a100" if major >= 8 else "t4"
+    except Exception:  # pragma: no cover - torch missing or broken driver
+        pass
+    return "cpu"
+
+
+def get_profile(name: str | None = None, **overrides: dict[str, Any]) -> Profile:
+    """Return the profile ``name`` (default ``$CAPSTONE_PROFILE`` or ``auto``).
+
+    ``overrides`` maps a section to the keys to change, e.g.
+    ``get_profile("cpu", stage1={"max_steps": 10})``.
+    """
+    name = name or os.environ.get("CAPSTONE_PROFILE", "auto")
+    if name == "auto":
+        name = detect_auto()
+    if name not in _RAW:
+        raise ValueError(f"unknown profile {name!r}; choose one of {PROFILE_NAMES + ('auto',)}")
+    raw = _merge(_RAW[name], overrides) if overrides else copy.deepcopy(_RAW[name])
+    return Profile(name=name, raw=raw)
