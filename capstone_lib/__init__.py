@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import os
 
-# No model or dataset hub is needed by the cpu/smoke profiles; GPU profiles unset these.
-for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+# The cpu/smoke profiles never need a model or dataset hub, so the hub is switched off
+# unless a GPU profile is chosen (or CAPSTONE_ONLINE=1), where downloads are the point.
+_ONLINE = os.environ.get("CAPSTONE_ONLINE") == "1" or os.environ.get("CAPSTONE_PROFILE") in (
+    "t4", "a100", "a100x8")
+for _k, _v in {} if _ONLINE else {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_k, _v)
 
