@@ -1,0 +1,44 @@
+# The README's two commands: `make course` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.capstone-installed
+# No hub is reachable (or needed) for the cpu/smoke profiles.
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+export TORCHDYNAMO_DISABLE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+.PHONY: setup course test unit notebooks-smoke notebooks-cpu bench clean
+
+setup: $(STAMP)
+
+# torch first, from its pinned CPU build; the constraint then holds it at that version.
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+course: setup
+	CAPSTONE_PROFILE=cpu $(PY) -m capstone_lib.course --profile cpu
+
+# Unit tests (smoke-size, fast), then every notebook under nbmake on smoke and on cpu
+# (the cpu run asserts the learning thresholds).
+test: setup unit notebooks-smoke notebooks-cpu
+
+unit: setup
+	$(PY) -m pytest -q tests
+
+notebooks-smoke: setup
+	CAPSTONE_PROFILE=smoke $(PY) -m pytest -q --nbmake notebooks
+
+notebooks-cpu: setup
+	CAPSTONE_PROFILE=cpu $(PY) -m pytest -q --nbmake notebooks
+
+bench: setup
+	$(PY) -m capstone_lib.bench
+
+clean:
+	rm -rf runs data/generated

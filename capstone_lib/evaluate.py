@@ -1,0 +1,135 @@
+"""Held-out evaluation: ShapesWorld question answering and caption accuracy.
+
+Answers are normalised (case, punctuation, articles, number words) before exact matching.
+Captions count as right when the objects they state (colour, shape and, where stated,
+position) are exactly the scene's objects.
+"""
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .chat import CAPTION_PROMPT, IMAGE_TOKEN, encode_prompt
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+_ARTICLES = {"a", "an", "the"}
+_PUNCT = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation and articles, write numbers as words, squeeze spaces."""
+    words = []
+    for w in text.lower().translate(_PUNCT).split():
+        if w.isdigit() and int(w) < len(NUMBER_WORDS):
+            w = NUMBER_WORDS[int(w)]
+        if w not in _ARTICLES:
+            words.append(w)
+    return " ".join(words)
+
+
+def answers_match(prediction: str, reference: str) -> bool:
+    """Exact match after ``normalize_answer`` on both sides."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+@torch.no_grad()
+def generate_answer(model, tokenizer, image_features: torch.Tensor, question: str,
+                    history: Sequence[dict] | None = None, max_new_tokens: int = 32) -> str:
+    """Greedy answer of a ``VisionLanguageModel`` to one question about cached image features."""
+    from .generate import stream_generate
+
+    ids = encode_prompt(tokenizer, history or [], question, image_features.shape[0])
+    input_ids = torch.tensor([ids])
+    embeds = model.embed(input_ids, image_features=image_features[None])
+    tokens = list(stream_generate(model, embeds, attention_mask=torch.ones_like(input_ids),
+                                  eos_token_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens))
+    if tokens and tokens[-1] == tokenizer.eos_token_id:
+        tokens = tokens[:-1]
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def vqa_accuracy(answer_fn: Callable[[dict], str], questions: Sequence[dict]) -> dict[str, Any]:
+    """Accuracy overall and per ``type`` of ``answer_fn(question_record)`` against ``answer``."""
+    right, total = defaultdict(int), defaultdict(int)
+    examples = []
+    for q in questions:
+        pred = answer_fn(q)
+        ok = answers_match(pred, q["answer"])
+        right[q["type"]] += ok
+        total[q["type"]] += 1
+        if len(examples) < 12:
+            examples.append({"question": q["question"], "answer": q["answer"], "prediction": pred, "ok": ok})
+    n = sum(total.values())
+    return {"vqa_accuracy": sum(right.values()) / max(n, 1), "n_questions": n,
+            "vqa_by_type": {t: right[t] / total[t] for t in sorted(total)}, "vqa_examples": examples}
+
+
+def caption_matches(caption: str, objects: Sequence[dict]) -> bool:
+    """True when the caption's stated objects are exactly the scene's (positions checked if stated)."""
+    from .shapesworld import parse_caption
+
+    stated = parse_caption(caption)
+    truth_cs = {(o["color"], o["shape"]) for o in objects}
+    if {(s[0], s[1]) for s in stated} != truth_cs or len(stated) != len(objects):
+        return False
+    truth_pos = {(o["color"], o["shape"]): o["position"] for o in objects}
+    return all(len(s) < 3 or s[2] is None or truth_pos[(s[0], s[1])] == s[2] for s in stated)
+
+
+def caption_accuracy(caption_fn: Callable[[int], str], scenes: Sequence[dict]) -> dict[str, Any]:
+    """Fraction of generated captions (``caption_fn(image_id)``) that match their scene."""
+    hits, examples = 0, []
+    for scene in scenes:
+        cap = caption_fn(scene["image_id"])
+        ok = caption_matches(cap, scene["objects"])
+        hits += ok
+        if len(examples) < 8:
+            examples.append({"image_id": scene["image_id"], "caption": cap, "ok": ok})
+    return {"caption_accuracy": hits / max(len(scenes), 1), "n_captions": len(scenes),
+            "caption_examples": examples}
+
+
+def evaluate_shapesworld(model, tokenizer, val_cache, paths, n_questions: int, n_captions: int,
+                         max_new_tokens: int = 32) -> dict[str, Any]:
+    """Question accuracy and caption accuracy on held-out ShapesWorld images."""
+    from tqdm.auto import tqdm
+
+    questions = json.loads(Path(paths.eval_questions).read_text())[:n_questions]
+    scenes = json.loads(Path(paths.scenes_val).read_text())
+    if isinstance(scenes, dict):
+        scenes = [{"image_id": int(k), **v} for k, v in scenes.items()]
+    scenes = scenes[:n_captions]
+    was_training = model.training
+    model.eval()
+
+    def answer(q: dict) -> str:
+        feats = val_cache.get_batch([q["image_id"]])[0]
+        return generate_answer(model, tokenizer, feats, f"{IMAGE_TOKEN}\n{q['question']}",
+                               max_new_tokens=max_new_tokens)
+
+    def caption(image_id: int) -> str:
+        feats = val_cache.get_batch([image_id])[0]
+        return generate_answer(model, tokenizer, feats, f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}",
+                               max_new_tokens=max_new_tokens * 2)
+
+    out = vqa_accuracy(answer, tqdm(questions, desc="eval questions", leave=False))
+    out.update(caption_accuracy(caption, tqdm(scenes, desc="eval captions", leave=False)))
+    model.train(was_training)
+    return out
+
+
+def format_results(results: dict[str, dict[str, Any]]) -> str:
+    """A small text table: one row per phase (before training, after stage 1, ...)."""
+    types = sorted({t for r in results.values() for t in r.get("vqa_by_type", {})})
+    head = f"{'phase':<18}{'VQA':>7}{'caption':>9}" + "".join(f"{t:>10}" for t in types)
+    rows = [head]
+    for phase, r in results.items():
+        rows.append(f"{phase:<18}{r['vqa_accuracy']:>7.3f}{r['caption_accuracy']:>9.3f}"
+                    + "".join(f"{r['vqa_by_type'].get(t, float('nan')):>10.3f}" for t in types))
+    return "\n".join(rows)

@@ -1,0 +1,68 @@
+"""QLoRA: the language model in 4-bit NF4 with trainable LoRA adapters (peft + bitsandbytes)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .profiles import Profile
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(profile: Profile) -> torch.dtype:
+    """The dtype matmuls run in: bf16 on an A100, fp16 on a T4, fp32 on CPU."""
+    return _DTYPES[profile.runtime.precision]
+
+
+def load_base_lm(profile: Profile, name_or_path: str | Path):
+    """The base LM for stage 2: 4-bit NF4 with double quantization when the profile says so."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = compute_dtype(profile)
+    kwargs = {"dtype": dtype, "device_map": {"": profile.runtime.device}}
+    if profile.stage2.quantize_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+
+
+def add_lora(profile: Profile, model):
+    """Prepare a (4-bit) model for training and wrap it with fresh LoRA adapters from the profile."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    s2 = profile.stage2
+    if s2.quantize_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s2.gradient_checkpointing)
+    elif s2.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    config = LoraConfig(r=s2.lora_r, lora_alpha=s2.lora_alpha, lora_dropout=s2.lora_dropout,
+                        target_modules=list(s2.lora_targets), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def load_qlora_model(profile: Profile, name_or_path: str | Path):
+    """Base LM (4-bit per profile) + trainable LoRA adapters: the stage-2 language model."""
+    torch.manual_seed(profile.runtime.seed)
+    return add_lora(profile, load_base_lm(profile, name_or_path))
+
+
+def lora_parameters(model) -> list[torch.nn.Parameter]:
+    """The trainable LoRA weights (everything else in the LM stays frozen)."""
+    return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def load_lm_tokenizer(name_or_path: str | Path):
+    """The LM's tokenizer with ``<image>`` registered as a special token and pad = EOS."""
+    from transformers import AutoTokenizer
+
+    from .chat import IMAGE_TOKEN
+
+    tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,0 +1,242 @@
+"""Stage 1: train the projector CLIP -> LM on image captions, vision encoder and LM frozen.
+
+The recipe (LLaVA-1.5 stage 1) and the guards against the earlier write-ups' bugs:
+- every caption of every image is a sample (not the last of five, not cut to 12 tokens);
+- only caption tokens and the EOS after them carry labels (image/prompt/padding are -100);
+- vision features come from an on-disk cache, never from CLIP inside the training loop;
+- AdamW, cosine schedule with warmup, real batches, gradient clipping (``capstone_lib.trainer``);
+- the projector saved here is the very module used at inference (``mm_model``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .batching import collate_padded, shuffled_batches
+from .chat import (CAPTION_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, TemplateError, caption_conversation,
+                   encode_conversation)
+from .profiles import Profile
+from .projector import build_projector
+
+CAPTION_PROMPTS = (CAPTION_PROMPT, "What is in this picture?", "Give a short caption for the image.",
+                   "What do you see?")
+
+
+@dataclass
+class SeedBugs:
+    """Defects of the earlier write-ups, switched on only for the lesson in notebook 04."""
+
+    unmasked_labels: bool = False     # supervise image and prompt positions too
+    no_teacher_forcing: bool = False  # never feed the answer as input
+    skip_adapter_load: bool = False   # answer with an untrained (unloaded) adapter
+
+    def any(self) -> bool:
+        """True when any defect is on."""
+        return self.unmasked_labels or self.no_teacher_forcing or self.skip_adapter_load
+
+
+def apply_seed_bugs(input_ids: list[int], labels: list[int], bugs: SeedBugs | None
+                    ) -> tuple[list[int], list[int]]:
+    """Re-create a defect of the earlier write-ups on one encoded sample (lesson only)."""
+    if bugs is None or not bugs.any():
+        return input_ids, labels
+    if bugs.unmasked_labels:
+        labels = list(input_ids)
+    if bugs.no_teacher_forcing:
+        # The answer never enters the input: the prompt positions are trained to emit it.
+        prompt = [t for t, l in zip(input_ids, labels) if l == IGNORE_INDEX]
+        answer = [l for l in labels if l != IGNORE_INDEX]
+        k = min(len(answer), len(prompt))
+        input_ids = prompt
+        labels = [IGNORE_INDEX] * (len(prompt) - k) + answer[:k]
+        # HF shifts labels by one inside the loss; undo that so position i predicts answer[i].
+        labels = labels[1:] + [IGNORE_INDEX]
+    return input_ids, labels
+
+
+@dataclass
+class CaptionDataset:
+    """One sample per (image, caption) pair, tokenized once with the course chat template."""
+
+    records: Sequence[Any]
+    tokenizer: Any
+    n_image_tokens: int
+    max_len: int
+    prompts: Sequence[str] = CAPTION_PROMPTS
+    bugs: SeedBugs | None = None
+    samples: list[dict] = field(default_factory=list, init=False)
+    truncated: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        for rec in self.records:
+            for k, caption in enumerate(rec.captions):
+                prompt = self.prompts[(rec.image_id + k) % len(self.prompts)]
+                conv = caption_conversation(caption, prompt)
+                enc = encode_conversation(self.tokenizer, conv, self.n_image_tokens, max_len=10**9,
+                                          check=len(self.samples) < 64)
+                ids, labels = enc.input_ids, enc.labels
+                if len(ids) > self.max_len:
+                    self.truncated += 1
+                    ids, labels = ids[:self.max_len], labels[:self.max_len]
+                    if all(l == IGNORE_INDEX for l in labels):
+                        raise TemplateError(f"image {rec.image_id}: max_len={self.max_len} leaves no "
+                                            f"caption token after {self.n_image_tokens} image tokens")
+                ids, labels = apply_seed_bugs(ids, labels, self.bugs)
+                self.samples.append({"input_ids": ids, "labels": labels, "image_id": rec.image_id,
+                                     "caption": caption})
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.samples[i]
+
+
+# ------------------------------------------------------------------------------------------
+# Projector files: the trained module and what it was trained against.
+# ------------------------------------------------------------------------------------------
+def save_projector(projector: nn.Module, meta: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``projector.safetensors`` and ``projector.json`` (kind, dims, encoder) atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in projector.state_dict().items()}
+    save_file(state, out / "projector.safetensors.tmp")
+    (out / "projector.safetensors.tmp").replace(out / "projector.safetensors")
+    (out / "projector.json.tmp").write_text(json.dumps(meta, indent=2))
+    (out / "projector.json.tmp").replace(out / "projector.json")
+    return out
+
+
+def load_projector(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the projector saved by ``save_projector`` and load its weights (strict)."""
+    out = Path(out_dir)
+    meta = json.loads((out / "projector.json").read_text())
+    projector = build_projector(meta["kind"], meta["vision_dim"], meta["text_dim"])
+    projector.load_state_dict(load_file(out / "projector.safetensors"), strict=True)
+    return projector, meta
+
+
+# ------------------------------------------------------------------------------------------
+# Model assembly and training.
+# ------------------------------------------------------------------------------------------
+def build_model(profile: Profile, lm=None, tokenizer=None, projector: nn.Module | None = None):
+    """The frozen LM (from notebook 01 on cpu, Phi-2 on GPU) + a projector -> ``VisionLanguageModel``."""
+    from .feature_cache import ensure_feature_cache
+    from .mm_model import VisionLanguageModel
+    from .pretrain import load_language_model
+
+    if lm is None:
+        lm, tokenizer = load_language_model(profile)
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    cache = ensure_feature_cache(profile, "train")
+    n_tokens, vision_dim = cache.feature_shape
+    if projector is None:
+        torch.manual_seed(profile.runtime.seed)
+        projector = build_projector(profile.stage1.projector, vision_dim, lm.config.hidden_size)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vlm = VisionLanguageModel(lm, projector, image_token_id)
+    return vlm, tokenizer, n_tokens
+
+
+def projector_dir(profile: Profile) -> Path:
+    """``runs/<profile>/projector/``."""
+    return profile.run_dir / "projector"
+
+
+def make_caption_eval(vlm, tokenizer, val_records, cache, n: int, max_len: int,
+                      n_image_tokens: int) -> Any:
+    """An eval hook: validation loss on held-out captions plus a few generated captions."""
+    from .evaluate import generate_answer
+
+    val = CaptionDataset(val_records[:max(1, n)], tokenizer, n_image_tokens, max_len,
+                         prompts=(CAPTION_PROMPT,))
+    pad = tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def eval_fn(model: nn.Module, step: int) -> dict[str, Any]:
+        model.eval()
+        losses = []
+        for i in range(0, len(val), 32):
+            batch = collate_padded(val.samples[i:i + 32], pad, cache.get_batch)
+            losses.append(model(**batch).loss.item())
+        shown = []
+        for s in val.samples[:3]:
+            text = generate_answer(vlm, tokenizer, cache.get_batch([s["image_id"]])[0],
+                                   f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}", max_new_tokens=40)
+            shown.append({"generated": text, "reference": s["caption"]})
+        model.train()
+        for row in shown:
+            print(f"  [step {step}] {row['generated']!r:60}  ref: {row['reference']!r}")
+        return {"val_loss": float(sum(losses) / len(losses)), "samples": shown}
+
+    return eval_fn
+
+
+def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs | None = None,
+                 out_dir: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train the projector from the profile; save it to ``runs/<p>/projector/``; return a summary."""
+    from .coco import load_coco_captions
+    from .feature_cache import ensure_feature_cache
+    from .shapesworld import ensure_shapesworld
+    from .trainer import TrainConfig, Trainer
+
+    cfg1 = {**vars(profile.stage1), **overrides}
+    paths = ensure_shapesworld(profile)
+    train_records = load_coco_captions(paths.coco_root, "train")
+    val_records = load_coco_captions(paths.coco_root, "val")
+    if profile.data.subset:
+        train_records = train_records[:profile.data.subset]
+    vlm, tokenizer, n_tokens = build_model(profile)
+    train_cache = ensure_feature_cache(profile, "train")
+    val_cache = ensure_feature_cache(profile, "val")
+    data = CaptionDataset(train_records, tokenizer, n_tokens, cfg1["max_len"], bugs=bugs)
+    if data.truncated:
+        print(f"note: {data.truncated} of {len(data)} captions truncated to max_len={cfg1['max_len']}")
+    out = Path(out_dir) if out_dir else projector_dir(profile)
+    cfg = TrainConfig(lr=cfg1["lr"], weight_decay=cfg1["weight_decay"], warmup_ratio=cfg1["warmup_ratio"],
+                      max_steps=cfg1["max_steps"], epochs=cfg1["epochs"],
+                      micro_batch_size=cfg1["micro_batch_size"], grad_accum=cfg1["grad_accum"],
+                      grad_clip=cfg1["grad_clip"], precision=profile.runtime.precision,
+                      eval_every=cfg1["eval_every"], save_every=cfg1["save_every"],
+                      keep_last=profile.runtime.keep_checkpoints, seed=profile.runtime.seed,
+                      device=profile.runtime.device)
+    pad = tokenizer.pad_token_id
+    trainer = Trainer(
+        vlm, [{"params": [p for p in vlm.projector.parameters()], "lr": cfg1["lr"]}], data,
+        lambda samples: collate_padded(samples, pad, train_cache.get_batch), cfg,
+        _checkpoint_root(profile, out) / "checkpoints",
+        eval_fn=make_caption_eval(vlm, tokenizer, val_records, val_cache, cfg1["n_eval_captions"],
+                                  cfg1["max_len"], n_tokens),
+        batches_for_epoch=lambda epoch: shuffled_batches(len(data), cfg1["micro_batch_size"],
+                                                         profile.runtime.seed, epoch),
+        state_filter=lambda name: name.startswith("projector."),
+    )
+    result = trainer.fit(resume=resume)
+    meta = {"kind": cfg1["projector"], "vision_dim": train_cache.feature_shape[1],
+            "text_dim": vlm.lm.config.hidden_size, "n_image_tokens": n_tokens,
+            "encoder_fingerprint": train_cache.fingerprint, "steps": result.step,
+            "samples": len(data), "truncated": data.truncated}
+    save_projector(vlm.projector, meta, out)
+    return {"model": vlm, "tokenizer": tokenizer, "history": result.history, "meta": meta,
+            "out_dir": out}
+
+
+def _checkpoint_root(profile: Profile, out: Path) -> Path:
+    """Checkpoints go next to the artifact, or under the profile's Drive folder when set."""
+    drive = profile.runtime.drive_dir
+    return Path(drive) / profile.name / out.name if drive else out
+
+
+def ensure_projector(profile: Profile) -> Path:
+    """The stage-1 projector dir; trains it through the library if it is missing."""
+    out = projector_dir(profile)
+    if not (out / "projector.json").exists():
+        train_stage1(profile)
+    return out

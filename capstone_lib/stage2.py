@@ -1,0 +1,163 @@
+"""Stage 2: QLoRA-finetune the LM together with the projector on LLaVA-Instruct conversations.
+
+Guards against the earlier write-ups: the answer is fed as input (teacher forcing), every
+human turn is masked and every assistant turn supervised with the EOS after it, all turns
+of a conversation are kept (truncated only at turn boundaries, with a count), the adapter
+saved here is checked on load, and the export is one standard Llava checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from .batching import collate_padded, length_grouped_batches
+from .chat import IMAGE_TOKEN, encode_conversation
+from .profiles import Profile
+from .stage1 import SeedBugs, apply_seed_bugs, ensure_projector, load_projector, save_projector
+
+
+def image_id_of(image: str | Path) -> int:
+    """COCO-style image id from a file name (``000000123456.jpg`` -> 123456)."""
+    return int(Path(image).stem.split("_")[-1])
+
+
+@dataclass
+class ConversationDataset:
+    """LLaVA-Instruct records tokenized once with the course template (all turns kept)."""
+
+    records: Sequence[Any]
+    tokenizer: Any
+    n_image_tokens: int
+    max_len: int
+    bugs: SeedBugs | None = None
+    samples: list[dict] = field(default_factory=list, init=False)
+    truncated: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        for i, rec in enumerate(self.records):
+            enc = encode_conversation(self.tokenizer, rec.conversations, self.n_image_tokens,
+                                      self.max_len, check=i < 64)
+            self.truncated += enc.truncated
+            ids, labels = apply_seed_bugs(enc.input_ids, enc.labels, self.bugs)
+            self.samples.append({"input_ids": ids, "labels": labels, "image_id": image_id_of(rec.image),
+                                 "id": rec.id})
+
+    @property
+    def lengths(self) -> list[int]:
+        """Token length of each sample (for length-grouped batches)."""
+        return [len(s["input_ids"]) for s in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.samples[i]
+
+
+def stage2_dir(profile: Profile) -> Path:
+    """``runs/<profile>/stage2/`` (adapter, projector, checkpoints)."""
+    return profile.run_dir / "stage2"
+
+
+def build_stage2_model(profile: Profile, projector: nn.Module | None = None):
+    """4-bit LM + fresh LoRA + the stage-1 projector (trainable) -> ``VisionLanguageModel``."""
+    from .mm_model import VisionLanguageModel
+    from .pretrain import ensure_language_model
+    from .qlora import load_lm_tokenizer, load_qlora_model
+
+    lm_path = ensure_language_model(profile)
+    tokenizer = load_lm_tokenizer(lm_path)
+    if projector is None:
+        projector, _ = load_projector(ensure_projector(profile))
+    for p in projector.parameters():
+        p.requires_grad_(True)
+    lm = load_qlora_model(profile, lm_path)
+    vlm = VisionLanguageModel(lm, projector, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    return vlm, tokenizer, lm_path
+
+
+def make_qa_eval(vlm, tokenizer, val_data: ConversationDataset, cache, n: int = 64) -> Any:
+    """An eval hook: held-out conversation loss plus a few answers printed next to references."""
+    from .evaluate import generate_answer
+
+    pad = tokenizer.pad_token_id
+    subset = val_data.samples[:n]
+    shown = [(r, s) for r, s in zip(val_data.records[:3], subset[:3])]
+
+    @torch.no_grad()
+    def eval_fn(model: nn.Module, step: int) -> dict[str, Any]:
+        model.eval()
+        losses = [model(**collate_padded(subset[i:i + 16], pad, cache.get_batch)).loss.item()
+                  for i in range(0, len(subset), 16)]
+        rows = []
+        for rec, s in shown:
+            q, ref = rec.conversations[0]["value"], rec.conversations[1]["value"]
+            pred = generate_answer(vlm, tokenizer, cache.get_batch([s["image_id"]])[0], q)
+            rows.append({"question": q.replace(IMAGE_TOKEN, "").strip(), "answer": ref, "prediction": pred})
+            print(f"  [step {step}] Q: {rows[-1]['question']!r}  A: {pred!r}  ref: {ref!r}")
+        model.train()
+        return {"val_loss": float(sum(losses) / len(losses)), "samples": rows}
+
+    return eval_fn
+
+
+def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs | None = None,
+                 out_dir: str | Path | None = None, projector: nn.Module | None = None,
+                 **overrides: Any) -> dict[str, Any]:
+    """Train LoRA + projector from the profile; save adapter and projector; return a summary."""
+    from .feature_cache import ensure_feature_cache
+    from .llava_data import load_llava_instruct
+    from .qlora import lora_parameters
+    from .shapesworld import ensure_shapesworld
+    from .trainer import TrainConfig, Trainer
+
+    s2 = {**vars(profile.stage2), **overrides}
+    paths = ensure_shapesworld(profile)
+    train_cache = ensure_feature_cache(profile, "train")
+    val_cache = ensure_feature_cache(profile, "val")
+    n_tokens = train_cache.feature_shape[0]
+    vlm, tokenizer, lm_path = build_stage2_model(profile, projector)
+    records = load_llava_instruct(paths.llava_train, paths.train_images)
+    if profile.data.subset:
+        records = records[:profile.data.subset]
+    data = ConversationDataset(records, tokenizer, n_tokens, s2["max_len"], bugs=bugs)
+    val = ConversationDataset(load_llava_instruct(paths.llava_val, paths.val_images)[:64], tokenizer,
+                              n_tokens, s2["max_len"])
+    if data.truncated:
+        print(f"note: {data.truncated} of {len(data)} conversations truncated at a turn boundary "
+              f"to fit max_len={s2['max_len']}")
+    out = Path(out_dir) if out_dir else stage2_dir(profile)
+    cfg = TrainConfig(lr=s2["lr"], weight_decay=s2["weight_decay"], warmup_ratio=s2["warmup_ratio"],
+                      max_steps=s2["max_steps"], epochs=s2["epochs"], micro_batch_size=s2["micro_batch_size"],
+                      grad_accum=s2["grad_accum"], grad_clip=s2["grad_clip"],
+                      precision=profile.runtime.precision, eval_every=s2["eval_every"],
+                      save_every=s2["save_every"], keep_last=profile.runtime.keep_checkpoints,
+                      seed=profile.runtime.seed, device=profile.runtime.device)
+    pad = tokenizer.pad_token_id
+    lengths = data.lengths
+    groups = [{"params": lora_parameters(vlm.lm), "lr": s2["lr"]},
+              {"params": list(vlm.projector.parameters()), "lr": s2["projector_lr"]}]
+    drive = profile.runtime.drive_dir
+    ckpt = (Path(drive) / profile.name / out.name if drive else out) / "checkpoints"
+    trainer = Trainer(
+        vlm, groups, data, lambda samples: collate_padded(samples, pad, train_cache.get_batch), cfg, ckpt,
+        eval_fn=make_qa_eval(vlm, tokenizer, val, val_cache),
+        batches_for_epoch=lambda epoch: length_grouped_batches(lengths, s2["micro_batch_size"],
+                                                               profile.runtime.seed, epoch),
+        state_filter=lambda name: "lora_" in name or name.startswith("projector."),
+    )
+    result = trainer.fit(resume=resume)
+    vlm.lm.save_pretrained(out / "adapter")
+    _, meta = load_projector(ensure_projector(profile))
+    save_projector(vlm.projector, {**meta, "stage": 2, "steps": result.step}, out / "projector")
+    return {"model": vlm, "tokenizer": tokenizer, "history": result.history, "out_dir": out,
+            "lm_path": lm_path, "samples": len(data), "truncated": data.truncated}
+
+
+def assistant_dir(profile: Profile) -> Path:
+    """``runs/<profile>/assistant/``: the exported standard Llava checkpoint."""
+    return profile.run_dir / "assistant"
