@@ -46,6 +46,11 @@ _BASE: dict[str, dict[str, Any]] = {
         lr=3e-3, min_lr=3e-4, warmup_steps=5, weight_decay=0.1,
         precision="32-true", save_interval=10, eval_interval=10, log_interval=1,
         devices=1, num_nodes=1, strategy="auto",
+        eval_iters=4,                # validation batches per evaluation
+        corpus_max_tokens=None,      # read at most this many corpus tokens (None: all)
+        # GPU profiles: RedPajama sample files downloaded when data.redpajama_dir is not set.
+        redpajama_repo="togethercomputer/RedPajama-Data-1T-Sample",
+        redpajama_files=("c4_sample.jsonl", "wikipedia_sample.jsonl", "stackexchange_sample.jsonl"),
     ),
     "vision": dict(
         # "tiny-clip": a small CLIP trained contrastively on ShapesWorld in notebook 02;
@@ -53,9 +58,10 @@ _BASE: dict[str, dict[str, Any]] = {
         encoder="tiny-clip",
         tiny_config=dict(image_size=64, patch_size=16, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
-                         text_hidden_size=32, text_layers=2),
+                         text_hidden_size=32, text_layers=2, text_max_len=40),
         clip_train_steps=5, clip_batch_size=16, clip_lr=2e-3,
-        feature_layer=-2, drop_cls=True, cache_batch_size=64,
+        # LLaVA's choice: hidden_states[-2] (second to last layer), patch tokens only (CLS dropped).
+        feature_layer=-2, drop_cls=True, cache_batch_size=64, cache_dtype="float32",
     ),
     "stage1": dict(
         projector="mlp2x_gelu", lr=1e-3, weight_decay=0.0, warmup_ratio=0.03,
@@ -70,9 +76,11 @@ _BASE: dict[str, dict[str, Any]] = {
         grad_clip=1.0, gradient_checkpointing=False, eval_every=2, save_every=2,
     ),
     "audio": dict(whisper_model="bundled-tiny.en", device="cpu", compute_type="int8",
-                  max_seconds=60.0, backend="faster-whisper"),
+                  max_seconds=60.0, backend="faster-whisper",
+                  beam_size=5, vad_filter=True, language=None, cpu_threads=0),
     "eval": dict(n_questions=32, n_captions=16, max_new_tokens=32),
-    "demo": dict(host="127.0.0.1", port=7860, max_upload_mb=10, max_question_chars=500),
+    "demo": dict(host="127.0.0.1", port=7860, max_upload_mb=10, max_question_chars=500,
+                 max_new_tokens=48, temperature=0.0, top_p=1.0),
 }
 
 
@@ -101,7 +109,7 @@ _CPU = _merge(_BASE, {
     "vision": dict(tiny_config=dict(image_size=64, patch_size=8, hidden_size=64,
                                     intermediate_size=256, num_hidden_layers=4,
                                     num_attention_heads=4, projection_dim=64,
-                                    text_hidden_size=64, text_layers=2),
+                                    text_hidden_size=64, text_layers=2, text_max_len=40),
                    clip_train_steps=600, clip_batch_size=64),
     "stage1": dict(max_steps=None, micro_batch_size=32, grad_accum=1, eval_every=200,
                    save_every=200, n_eval_captions=64),
@@ -114,9 +122,11 @@ _GPU_COMMON = {
     "data": dict(source="real", subset=20_000),
     "pretrain": dict(model_name="pythia-160m", model_config=None,
                      tokenizer="EleutherAI/pythia-160m", max_tokens=50_000_000,
-                     micro_batch_size=4, global_batch_size=128, lr=6e-4, min_lr=6e-5,
-                     warmup_steps=200, save_interval=500, eval_interval=250, log_interval=20),
-    "vision": dict(encoder="openai/clip-vit-base-patch32", cache_batch_size=256),
+                     micro_batch_size=4, global_batch_size=32, lr=6e-4, min_lr=6e-5,
+                     warmup_steps=40, save_interval=200, eval_interval=100, log_interval=10,
+                     eval_iters=20, corpus_max_tokens=60_000_000),   # 65k tokens/step, ~760 steps
+    "vision": dict(encoder="openai/clip-vit-base-patch32", cache_batch_size=256,
+                   cache_dtype="float16"),
     "lm": dict(name="microsoft/phi-2"),
     "stage1": dict(lr=1e-3, max_steps=None, max_len=128, eval_every=500, save_every=500,
                    n_eval_captions=16),
@@ -136,7 +146,7 @@ _A100 = _merge(_BASE, _merge(_GPU_COMMON, {
 }))
 _T4 = _merge(_BASE, _merge(_GPU_COMMON, {
     "runtime": dict(device="cuda", precision="fp16", num_workers=2),   # no bf16 on a T4
-    "pretrain": dict(precision="16-mixed"),
+    "pretrain": dict(precision="32-true"),   # litgpt pretrain accepts bf16-*/32-true only
     "stage1": dict(micro_batch_size=16, grad_accum=16),     # effective batch 256
     "stage2": dict(micro_batch_size=4, grad_accum=32, max_len=512),
     "audio": dict(whisper_model="base"),

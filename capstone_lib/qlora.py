@@ -53,16 +53,3 @@ def lora_parameters(model) -> list[torch.nn.Parameter]:
     """The trainable LoRA weights (everything else in the LM stays frozen)."""
     return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
 
-
-def load_lm_tokenizer(name_or_path: str | Path):
-    """The LM's tokenizer with ``<image>`` registered as a special token and pad = EOS."""
-    from transformers import AutoTokenizer
-
-    from .chat import IMAGE_TOKEN
-
-    tok = AutoTokenizer.from_pretrained(str(name_or_path))
-    if IMAGE_TOKEN not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok

@@ -67,10 +67,11 @@ def build_stage2_model(profile: Profile, projector: nn.Module | None = None):
     """4-bit LM + fresh LoRA + the stage-1 projector (trainable) -> ``VisionLanguageModel``."""
     from .mm_model import VisionLanguageModel
     from .pretrain import ensure_language_model
-    from .qlora import load_lm_tokenizer, load_qlora_model
+    from .qlora import load_qlora_model
+    from .tokenizer import load_tokenizer
 
     lm_path = ensure_language_model(profile)
-    tokenizer = load_lm_tokenizer(lm_path)
+    tokenizer = load_tokenizer(lm_path)
     if projector is None:
         projector, _ = load_projector(ensure_projector(profile))
     for p in projector.parameters():
@@ -161,3 +162,23 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
 def assistant_dir(profile: Profile) -> Path:
     """``runs/<profile>/assistant/``: the exported standard Llava checkpoint."""
     return profile.run_dir / "assistant"
+
+
+def ensure_assistant(profile: Profile) -> Path:
+    """The exported Llava checkpoint of ``profile``; trains stage 2 and exports if missing."""
+    from .export import export_llava
+    from .pretrain import ensure_language_model
+    from .tokenizer import load_tokenizer
+    from .vision import encoder_dir, load_image_processor
+
+    out = assistant_dir(profile)
+    if (out / "config.json").exists():
+        return out
+    s2 = stage2_dir(profile)
+    if not (s2 / "adapter" / "adapter_config.json").exists():
+        train_stage2(profile)
+    lm_path = ensure_language_model(profile)
+    vision = encoder_dir(profile)
+    return export_llava(out, tokenizer=load_tokenizer(lm_path), image_processor=load_image_processor(vision),
+                        vision_tower=vision, base_lm=lm_path, adapter_dir=s2 / "adapter",
+                        projector=s2 / "projector" / "projector.safetensors")

@@ -1,0 +1,297 @@
+"""Frozen-encoder features computed once and kept on disk, so training never runs CLIP per step.
+
+A cache directory holds::
+
+    features.npy   (rows, N_patches, D) array, read back memory-mapped (np.load mmap_mode="r")
+    index.json     {"ids": [image ids], "rows": [row of each id], "skipped": ...}
+    meta.json      encoder fingerprint (config + weights + image processor), layer, drop_cls,
+                   dtype, shape, requested ids hash. Written last: no meta.json, no cache.
+
+Building again with the same encoder, layer and ids reuses the cache; a different encoder
+(any weight, config or preprocessing change) or layer rebuilds it, with a printed message.
+For several ranks (issue 10), each builds ``rank, world_size`` its shard and rank 0 calls
+``merge_feature_shards``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .profiles import Profile
+from .validation import DataError, SkipCounter
+
+FORMAT_VERSION = 1
+
+
+def _canonical(d: dict) -> dict:
+    """A config dict without keys that do not change the computation (versions, private names)."""
+    return {k: _canonical(v) if isinstance(v, dict) else v for k, v in sorted(d.items())
+            if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
+
+
+def encoder_fingerprint(vision_model, image_processor=None) -> str:
+    """sha256 of the encoder's config, every weight (name, dtype, shape, bytes) and processor config."""
+    h = hashlib.sha256()
+    h.update(json.dumps(_canonical(vision_model.config.to_dict()), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vision_model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    if image_processor is not None:
+        h.update(json.dumps(_canonical(image_processor.to_dict()), sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _ids_hash(ids: Sequence[int]) -> str:
+    """sha256 of the requested image ids, in order."""
+    return hashlib.sha256(json.dumps([int(i) for i in ids]).encode()).hexdigest()
+
+
+class FeatureCache:
+    """Read side of a cache: ``cache[image_id] -> (N, D)`` memory-mapped rows, ``get_batch``."""
+
+    def __init__(self, cache_dir: Path, meta: dict[str, Any], index: dict[str, Any], array: np.ndarray):
+        self.cache_dir, self.meta, self.array = Path(cache_dir), meta, array
+        self._row = {int(i): int(r) for i, r in zip(index["ids"], index["rows"])}
+        self.skipped = index.get("skipped", {})
+
+    @classmethod
+    def open(cls, cache_dir: str | Path) -> "FeatureCache":
+        """Open a finished cache (``meta.json`` present); raise ``DataError`` if it is not one."""
+        cache_dir = Path(cache_dir)
+        meta_path = cache_dir / "meta.json"
+        if not meta_path.is_file():
+            raise DataError("no finished feature cache here (meta.json missing)", path=cache_dir)
+        meta = json.loads(meta_path.read_text())
+        index = json.loads((cache_dir / "index.json").read_text())
+        array = np.load(cache_dir / "features.npy", mmap_mode="r")
+        if list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]:
+            raise DataError(f"features.npy is {array.shape} {array.dtype}, meta.json says "
+                            f"{meta['shape']} {meta['dtype']}", path=cache_dir / "features.npy")
+        return cls(cache_dir, meta, index, array)
+
+    @property
+    def fingerprint(self) -> str:
+        """The encoder fingerprint the features were computed with."""
+        return self.meta["fingerprint"]
+
+    @property
+    def layer(self) -> int:
+        """The hidden-state layer that was cached (``-2``: second to last)."""
+        return self.meta["layer"]
+
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        """``(N_tokens, D)`` of one image's features."""
+        return tuple(self.meta["shape"][1:])
+
+    @property
+    def ids(self) -> list[int]:
+        """Image ids in the cache (skipped images are absent)."""
+        return list(self._row)
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def __contains__(self, image_id: int) -> bool:
+        return int(image_id) in self._row
+
+    def __getitem__(self, image_id: int) -> np.ndarray:
+        """The ``(N, D)`` features of one image (a read-only memory-mapped view)."""
+        try:
+            return self.array[self._row[int(image_id)]]
+        except KeyError:
+            raise KeyError(f"image id {image_id} not in feature cache {self.cache_dir}") from None
+
+    def get_batch(self, ids: Sequence[int], dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """``(B, N, D)`` tensor of the images ``ids`` (in that order), cast to ``dtype`` (None: as stored)."""
+        try:
+            rows = [self._row[int(i)] for i in ids]
+        except KeyError as err:
+            raise KeyError(f"image id {err.args[0]} not in feature cache {self.cache_dir}") from None
+        batch = torch.from_numpy(np.ascontiguousarray(self.array[np.asarray(rows, dtype=np.int64)]))
+        return batch if dtype is None else batch.to(dtype)
+
+    def __repr__(self) -> str:
+        return (f"FeatureCache({self.cache_dir}, {len(self)} images x {self.feature_shape}, "
+                f"layer {self.layer}, {self.meta['dtype']}, encoder {self.fingerprint[:12]})")
+
+
+def _wanted_meta(fingerprint: str, layer: int, drop_cls: bool, dtype: str, ids: Sequence[int]) -> dict:
+    """The meta keys that decide whether an existing cache can be reused."""
+    return {"format": FORMAT_VERSION, "fingerprint": fingerprint, "layer": int(layer),
+            "drop_cls": bool(drop_cls), "dtype": str(np.dtype(dtype)), "ids_hash": _ids_hash(ids)}
+
+
+def _why_stale(cache_dir: Path, wanted: dict) -> str | None:
+    """None if the cache in ``cache_dir`` matches ``wanted``, else a reason it must be rebuilt."""
+    meta_path = cache_dir / "meta.json"
+    if not meta_path.is_file():
+        return "no cache yet" if not cache_dir.exists() or not any(cache_dir.iterdir()) else \
+            "unfinished cache (meta.json missing)"
+    meta = json.loads(meta_path.read_text())
+    names = {"fingerprint": "encoder changed", "layer": "layer changed", "drop_cls": "drop_cls changed",
+             "dtype": "dtype changed", "ids_hash": "image ids changed", "format": "cache format changed"}
+    for key, why in names.items():
+        if meta.get(key) != wanted[key]:
+            old, new = meta.get(key), wanted[key]
+            if key == "fingerprint":
+                old, new = str(old)[:12], new[:12]
+            return f"{why} ({old} -> {new})" if key != "ids_hash" else why
+    return None
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def build_feature_cache(vision_model, image_processor, items: Sequence[tuple[int, str | Path]],
+                        cache_dir: str | Path, layer: int = -2, drop_cls: bool = True,
+                        batch_size: int = 64, dtype: str = "float32", skips: SkipCounter | None = None,
+                        rank: int = 0, world_size: int = 1) -> FeatureCache:
+    """Compute ``hidden_states[layer]`` (CLS dropped) of every ``(image_id, path)`` once, on disk.
+
+    Reuses a matching cache in ``cache_dir``; rebuilds (saying why) when the encoder, layer,
+    dtype or ids differ. Unreadable images raise ``DataError`` naming the file, or are counted
+    in ``skips`` when given. ``rank``/``world_size`` build only the shard ``items[rank::world_size]``
+    (merge the shards with ``merge_feature_shards``).
+    """
+    from tqdm.auto import tqdm
+
+    from .images import load_image
+    from .vision import preprocess, vision_features
+
+    items = list(items)[rank::world_size]
+    ids = [int(i) for i, _ in items]
+    if len(set(ids)) != len(ids):
+        raise DataError("duplicate image ids in the items to cache", path=cache_dir)
+    cache_dir = Path(cache_dir)
+    wanted = _wanted_meta(encoder_fingerprint(vision_model, image_processor), layer, drop_cls, dtype, ids)
+    why = _why_stale(cache_dir, wanted)
+    if why is None:
+        cache = FeatureCache.open(cache_dir)
+        print(f"feature cache reused: {cache}")
+        return cache
+    if why != "no cache yet":
+        print(f"feature cache {cache_dir}: rebuilding, {why}")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    (cache_dir / "meta.json").unlink(missing_ok=True)          # invalid until finished
+
+    tmp_path = cache_dir / "features.tmp.npy"
+    array = None
+    rows: dict[int, int] = {}
+    skipped_before = skips.count if skips is not None else 0
+    bar = tqdm(total=len(items), desc=f"features -> {cache_dir.name}", unit="img")
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        images, kept = [], []
+        for offset, (image_id, path) in enumerate(chunk):
+            try:
+                images.append(load_image(path))
+                kept.append((int(image_id), start + offset))
+            except DataError as err:
+                if skips is None:
+                    raise
+                skips.skip(f"unreadable image ({err.message})", path=path, record=image_id)
+        if images:
+            with torch.no_grad():
+                feats = vision_features(vision_model, preprocess(image_processor, images), layer, drop_cls)
+            feats = feats.float().cpu().numpy().astype(dtype, copy=False)
+            if array is None:
+                array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=dtype,
+                                                  shape=(len(items),) + feats.shape[1:])
+            for (image_id, row), f in zip(kept, feats):
+                array[row] = f
+                rows[image_id] = row
+        bar.update(len(chunk))
+    bar.close()
+    if array is None:
+        raise DataError(f"no readable image among {len(items)} to cache"
+                        + (f" ({skips.report()})" if skips is not None else ""), path=cache_dir)
+    array.flush()
+    shape = list(array.shape)
+    del array
+    os.replace(tmp_path, cache_dir / "features.npy")
+    n_skipped = (skips.count - skipped_before) if skips is not None else 0
+    _atomic_write_json(cache_dir / "index.json", {"ids": list(rows), "rows": list(rows.values()),
+                                                  "skipped": n_skipped})
+    meta = dict(wanted, shape=shape, n_images=len(rows), encoder=getattr(vision_model.config,
+                                                                         "_name_or_path", ""))
+    _atomic_write_json(cache_dir / "meta.json", meta)
+    if n_skipped:
+        print(f"feature cache {cache_dir}: {n_skipped} images skipped\n{skips.report()}")
+    return FeatureCache.open(cache_dir)
+
+
+def shard_dir(cache_dir: str | Path, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` of ``world_size`` builds its shard of ``cache_dir``."""
+    return Path(cache_dir) / "shards" / f"rank-{rank:03d}-of-{world_size:03d}"
+
+
+def merge_feature_shards(cache_dir: str | Path, world_size: int) -> FeatureCache:
+    """Concatenate the ``world_size`` shard caches under ``cache_dir/shards/`` into ``cache_dir``."""
+    cache_dir = Path(cache_dir)
+    shards = [FeatureCache.open(shard_dir(cache_dir, r, world_size)) for r in range(world_size)]
+    keys = ("fingerprint", "layer", "drop_cls", "dtype", "format")
+    for s in shards[1:]:
+        if any(s.meta[k] != shards[0].meta[k] for k in keys):
+            raise DataError("shards were built with different encoders or settings", path=s.cache_dir)
+    ids = [i for s in shards for i in s.ids]
+    (cache_dir / "meta.json").unlink(missing_ok=True)
+    tmp_path = cache_dir / "features.tmp.npy"
+    shape = [len(ids)] + list(shards[0].feature_shape)
+    out = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=shards[0].meta["dtype"], shape=tuple(shape))
+    row = 0
+    for s in shards:
+        for i in s.ids:
+            out[row] = s[i]
+            row += 1
+    out.flush()
+    del out
+    os.replace(tmp_path, cache_dir / "features.npy")
+    _atomic_write_json(cache_dir / "index.json", {"ids": ids, "rows": list(range(len(ids))),
+                                                  "skipped": sum(s.skipped or 0 for s in shards)})
+    meta = {k: shards[0].meta[k] for k in keys}
+    meta.update(shape=shape, n_images=len(ids), ids_hash=_ids_hash(ids), merged_from=world_size)
+    _atomic_write_json(cache_dir / "meta.json", meta)
+    return FeatureCache.open(cache_dir)
+
+
+def feature_cache_dir(profile: Profile, split: str) -> Path:
+    """``runs/<profile>/features/<split>/``."""
+    return profile.run_dir / "features" / split
+
+
+def ensure_feature_cache(profile: Profile, split: str, vision=None) -> FeatureCache:
+    """The feature cache of ShapesWorld (or COCO) ``split`` ("train"/"val") for ``profile``, built if needed.
+
+    ``vision`` may pass an already loaded ``(vision_model, image_processor)``.
+    """
+    from .coco import load_coco_captions
+    from .vision import load_vision_tower
+
+    if profile.data.source == "shapesworld":
+        from .shapesworld import ensure_shapesworld
+
+        coco_root = ensure_shapesworld(profile).coco_root
+    else:
+        coco_root = profile.data.coco_root
+    skips = SkipCounter() if profile.runtime.allow_skips else None
+    # The whole split is cached (not ``data.subset``): stage 2 may use images stage 1 does not.
+    records = load_coco_captions(coco_root, split, skips=skips)
+    model, processor = vision or load_vision_tower(profile)
+    v = profile.vision
+    return build_feature_cache(model, processor, [(r.image_id, r.path) for r in records],
+                               feature_cache_dir(profile, split), layer=v.feature_layer,
+                               drop_cls=v.drop_cls, batch_size=v.cache_batch_size,
+                               dtype=getattr(v, "cache_dtype", "float32"), skips=skips)

@@ -1,0 +1,579 @@
+"""Pretraining a Pythia-architecture GPT from random weights with LitGPT, and the hand-off.
+
+LitGPT does the training; this module prepares its inputs (corpus, tokenizer, model
+config, command line), runs ``litgpt pretrain`` in a subprocess, reads its outputs (the
+CSV log, the checkpoints) and converts the final checkpoint, with LitGPT's own converter,
+into a Hugging Face ``transformers`` directory (``runs/<profile>/pretrain/hf/``).
+
+Why a subprocess: LitGPT's Python entry point re-parses ``sys.argv`` when it saves its
+hyper-parameters, which fails inside Jupyter; the CLI is LitGPT's supported interface.
+
+Scale-out: the profile's ``devices``/``num_nodes`` go to ``--devices``/``--num_nodes``;
+LitGPT's Fabric launcher starts one process per GPU and shards with FSDP on its own. On a
+multi-node cluster run the same command (``pretrain_command(profile, ...)``) on every node
+with ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` set (or under ``srun`` on SLURM).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from .profiles import REPO_ROOT, Profile
+from .tokenizer import EOS_TOKEN, load_tokenizer, prepare_tokenizer
+
+# The earlier write-up's LitGPT log (pythia-160m on RedPajama, a 24 GB GPU, micro-batch 4).
+EARLIER_WRITEUP = {"model": "pythia-160m", "micro_batch_size": 4, "block_size": 2048,
+                   "ms_per_iter": 650.0, "first_loss": 10.98, "loss_after_600_iters": 6.14}
+HF_MANIFEST = "capstone_hf.json"
+_ITER_RE = re.compile(r"iter (\d+) step (\d+) \| loss train: ([\d.]+), val: ([\w./]+)")
+_VAL_RE = re.compile(r"iter (\d+): val loss ([\d.]+)")
+_FINAL_RE = re.compile(r"Final evaluation \| val loss: ([\d.]+)")
+
+
+class PretrainError(RuntimeError):
+    """LitGPT failed; the message holds the command's last log lines."""
+
+
+@dataclass(frozen=True)
+class PretrainPaths:
+    """Where the pretraining stage keeps its files (``runs/<profile>/pretrain/``)."""
+
+    root: Path
+
+    @property
+    def lit(self) -> Path:
+        """LitGPT's ``--out_dir``: ``step-XXXXXXXX/`` checkpoints, ``final/``, ``logs/csv/``."""
+        return self.root / "lit"
+
+    @property
+    def tokenizer(self) -> Path:
+        """The tokenizer directory (trained locally or downloaded)."""
+        return self.root / "tokenizer"
+
+    @property
+    def tokens(self) -> Path:
+        """Cache of tokenized corpora (``.npy``)."""
+        return self.root / "tokens"
+
+    @property
+    def hf(self) -> Path:
+        """The converted Hugging Face model (the hand-off to notebooks 03-05)."""
+        return self.root / "hf"
+
+    @property
+    def log(self) -> Path:
+        """Everything LitGPT printed, appended run after run."""
+        return self.root / "train.log"
+
+    @property
+    def summary(self) -> Path:
+        """What the runs measured (initial/final val loss, timings)."""
+        return self.root / "summary.json"
+
+
+def pretrain_paths(profile: Profile) -> PretrainPaths:
+    """The pretraining paths of a profile."""
+    return PretrainPaths(profile.run_dir / "pretrain")
+
+
+# ----------------------------------------------------------------------------- inputs
+def corpus_paths(profile: Profile) -> tuple[Path, Path | None]:
+    """``(train, val)`` jsonl corpus: ShapesWorld on cpu/smoke, a RedPajama sample on GPU profiles.
+
+    ``val`` is ``None`` when the validation tokens are held out from the training corpus.
+    """
+    if profile.data.source == "shapesworld":
+        from .shapesworld import ensure_shapesworld
+        sw = ensure_shapesworld(profile)
+        return sw.corpus_train, sw.corpus_val
+    if profile.data.redpajama_dir:
+        return Path(profile.data.redpajama_dir), None
+    p = profile.pretrain
+    return download_redpajama_sample(REPO_ROOT / "data" / "redpajama-sample", p.redpajama_repo,
+                                     p.redpajama_files), None
+
+
+def download_redpajama_sample(dest: str | Path, repo_id: str = "togethercomputer/RedPajama-Data-1T-Sample",
+                              files: Sequence[str] | None = None) -> Path:
+    """Download jsonl files of a RedPajama sample into ``dest`` (interrupted downloads resume)."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    dest = Path(dest)
+    available = [f for f in list_repo_files(repo_id, repo_type="dataset") if f.endswith(".jsonl")]
+    wanted = list(files) if files else available
+    missing = [f for f in wanted if f not in available]
+    if missing:
+        raise FileNotFoundError(f"{repo_id} has no {missing}; it has {available}")
+    for name in wanted:
+        hf_hub_download(repo_id, name, repo_type="dataset", local_dir=str(dest))
+    return dest
+
+
+def ensure_tokenizer(profile: Profile) -> Path:
+    """The tokenizer directory: a BPE trained on the corpus (cpu/smoke) or the hub one (GPU)."""
+    from .redpajama import iter_jsonl_texts
+
+    p, paths = profile.pretrain, pretrain_paths(profile)
+    if p.tokenizer != "train":
+        return prepare_tokenizer(p.tokenizer, paths.tokenizer)
+    train, _ = corpus_paths(profile)
+    stat = train.stat()
+    return prepare_tokenizer("train", paths.tokenizer, iter_jsonl_texts(train), p.vocab_size,
+                             model_max_length=lit_config(profile).block_size,
+                             corpus_id=f"{train.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+
+
+def lit_config(profile: Profile):
+    """The ``litgpt.Config`` of the profile: a named config, or the custom dict (Pythia-style)."""
+    from litgpt import Config
+
+    p = profile.pretrain
+    if not p.model_config:
+        return Config.from_name(p.model_name)
+    cfg = dict(p.model_config)
+    cfg.setdefault("vocab_size", p.vocab_size)
+    cfg.setdefault("padded_vocab_size", p.vocab_size)
+    return Config(name=p.model_name, **cfg)
+
+
+def _model_config_arg(profile: Profile) -> str | None:
+    p = profile.pretrain
+    if not p.model_config:
+        return None
+    cfg = {"name": p.model_name, "vocab_size": p.vocab_size, "padded_vocab_size": p.vocab_size,
+           **dict(p.model_config)}
+    return json.dumps(cfg)
+
+
+def tokens_per_iter(profile: Profile) -> int:
+    """Tokens in one micro-batch on one device (LitGPT's unit for ``iter``)."""
+    return profile.pretrain.micro_batch_size * lit_config(profile).block_size
+
+
+def pretrain_command(profile: Profile, train: Path, val: Path | None, tokenizer_dir: Path,
+                     max_tokens: int | None = None, resume: bool = True) -> list[str]:
+    """The ``litgpt pretrain`` command line for this profile."""
+    p, paths = profile.pretrain, pretrain_paths(profile)
+    optimizer = {"class_path": "torch.optim.AdamW",
+                 "init_args": {"lr": p.lr, "weight_decay": p.weight_decay, "betas": [0.9, 0.95]}}
+    cmd = [sys.executable, "-m", "litgpt", "pretrain", p.model_name]
+    if (cfg := _model_config_arg(profile)) is not None:
+        cmd += ["--model_config", cfg]
+    cmd += [
+        "--out_dir", str(paths.lit), "--precision", p.precision,
+        "--resume", "auto" if resume else "false",
+        "--tokenizer_dir", str(tokenizer_dir),
+        "--data", "capstone_lib.lit_data.JsonlText", "--data.train_path", str(train),
+        "--data.cache_dir", str(paths.tokens), "--data.seed", str(profile.runtime.seed),
+        "--train.max_tokens", str(int(max_tokens or p.max_tokens)),
+        "--train.micro_batch_size", str(p.micro_batch_size),
+        "--train.global_batch_size", str(p.global_batch_size),
+        "--train.lr_warmup_steps", str(p.warmup_steps), "--train.min_lr", str(p.min_lr),
+        "--train.max_norm", "1.0", "--train.tie_embeddings", "false",
+        "--train.save_interval", str(p.save_interval), "--train.log_interval", str(p.log_interval),
+        "--eval.interval", str(p.eval_interval), "--eval.max_iters", str(p.eval_iters),
+        "--eval.initial_validation", "true",
+        "--optimizer", json.dumps(optimizer),
+        "--devices", str(p.devices), "--num_nodes", str(p.num_nodes),
+        "--logger_name", "csv", "--seed", str(profile.runtime.seed),
+    ]
+    if val is not None:
+        cmd += ["--data.val_path", str(val)]
+    if p.corpus_max_tokens:
+        cmd += ["--data.max_tokens", str(p.corpus_max_tokens)]
+    return cmd
+
+
+def prepare_corpus(profile: Profile, train: Path, val: Path | None, tokenizer_dir: Path):
+    """Tokenize and check the corpus here, so bad data fails with a ``DataError`` in the notebook."""
+    from litgpt import Tokenizer
+
+    from .lit_data import JsonlText
+
+    data = JsonlText(train_path=train, val_path=val, cache_dir=pretrain_paths(profile).tokens,
+                     max_tokens=profile.pretrain.corpus_max_tokens, seed=profile.runtime.seed)
+    data.connect(Tokenizer(tokenizer_dir), profile.pretrain.micro_batch_size, lit_config(profile).block_size)
+    data.prepare_data()
+    return data
+
+
+# ----------------------------------------------------------------------------- running
+@dataclass
+class PretrainResult:
+    """What one call of ``run_pretraining`` did and where it left things."""
+
+    out_dir: Path
+    final_checkpoint: Path
+    seconds: float
+    resumed_from: str | None = None
+    initial_val_loss: float | None = None
+    final_val_loss: float | None = None
+    skipped: bool = False
+    command: list[str] = field(default_factory=list, repr=False)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    if not torch.cuda.is_available():
+        env.setdefault("TORCHDYNAMO_DISABLE", "1")   # torch.compile costs 13-17 s on CPU for no gain
+    return env
+
+
+def _settings_key(cmd: list[str]) -> str:
+    return json.dumps([c for c in cmd if c not in ("auto", "false", "--resume")][1:])
+
+
+def _load_summary(paths: PretrainPaths) -> dict[str, Any]:
+    return json.loads(paths.summary.read_text()) if paths.summary.is_file() else {}
+
+
+def run_pretraining(profile: Profile, max_tokens: int | None = None, resume: bool = True,
+                    verbose: str = "progress", force: bool = False) -> PretrainResult:
+    """Run ``litgpt pretrain`` for the profile, streaming its progress; resumes by default.
+
+    A finished run with the same settings is not repeated (``force=True`` runs anyway).
+    ``verbose``: ``"progress"`` (a bar and the loss lines), ``"all"`` (every line) or ``"none"``.
+    Bad corpus data raises ``DataError`` before LitGPT starts; a LitGPT failure raises
+    ``PretrainError`` with the tail of the log. Stopping the cell stops LitGPT; call again to
+    continue from the last ``step-*`` checkpoint.
+    """
+    paths = pretrain_paths(profile)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    train, val = corpus_paths(profile)
+    tok_dir = ensure_tokenizer(profile)
+    cmd = pretrain_command(profile, train, val, tok_dir, max_tokens, resume)
+    summary = _load_summary(paths)
+    final = paths.lit / "final" / "lit_model.pth"
+    if not force and final.is_file() and summary.get("settings") == _settings_key(cmd):
+        if verbose != "none":
+            print(f"pretraining already done with these settings: {final.parent}")
+        return PretrainResult(paths.lit, final.parent, 0.0, None, summary.get("initial_val_loss"),
+                              summary.get("final_val_loss"), skipped=True, command=cmd)
+    prepare_corpus(profile, train, val, tok_dir)
+    if not resume:
+        shutil.rmtree(paths.lit, ignore_errors=True)
+        summary = {}
+    result = _stream(cmd, paths, profile, max_tokens, verbose)
+    if result.resumed_from is None and result.initial_val_loss is not None:
+        summary["initial_val_loss"] = result.initial_val_loss
+    result.initial_val_loss = summary.get("initial_val_loss", result.initial_val_loss)
+    summary.update(settings=_settings_key(cmd), final_val_loss=result.final_val_loss,
+                   last_run_seconds=round(result.seconds, 1))
+    paths.summary.write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def _stream(cmd: list[str], paths: PretrainPaths, profile: Profile, max_tokens: int | None,
+            verbose: str) -> PretrainResult:
+    from tqdm.auto import tqdm
+
+    max_iters = int(max_tokens or profile.pretrain.max_tokens) // (
+        tokens_per_iter(profile) * profile.pretrain.devices * profile.pretrain.num_nodes)
+    tail: deque[str] = deque(maxlen=40)
+    res = PretrainResult(paths.lit, paths.lit / "final", 0.0, command=cmd)
+    bar = tqdm(total=max_iters, desc="pretrain iters", disable=verbose == "none", mininterval=1.0)
+    t0 = time.perf_counter()
+    with open(paths.log, "a", encoding="utf-8") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                bufsize=1, env=_env(), cwd=str(REPO_ROOT))
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                line = line.rstrip()
+                tail.append(line)
+                important = _parse_line(line, res, bar)
+                if verbose == "all" or (verbose == "progress" and important):
+                    bar.write(line)
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(timeout=60)
+            bar.close()
+            print("stopped; run again to resume from the last step-* checkpoint in", paths.lit)
+            raise
+    bar.close()
+    res.seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise PretrainError(f"litgpt pretrain failed with exit code {proc.returncode}; "
+                            f"full log: {paths.log}\n--- last lines ---\n" + "\n".join(tail))
+    return res
+
+
+def _parse_line(line: str, res: PretrainResult, bar) -> bool:
+    """Update the result/progress from one LitGPT line; True if the line is worth showing."""
+    if line.startswith("Resuming training from"):
+        res.resumed_from = line.split("from", 1)[1].strip()
+        return True
+    if m := _ITER_RE.search(line):
+        it = int(m.group(1))
+        if bar.n == 0 and it > 1:
+            bar.n = it - 1
+        bar.update(it - bar.n)
+        if res.initial_val_loss is None and m.group(4) not in ("n/a",):
+            try:
+                res.initial_val_loss = float(m.group(4))
+            except ValueError:
+                pass
+        return True
+    if m := _FINAL_RE.search(line):
+        res.final_val_loss = float(m.group(1))
+        return True
+    return bool(_VAL_RE.search(line)) or line.startswith(("| -", "Total parameters", "tokenized"))
+
+
+# ----------------------------------------------------------------------------- outputs
+def read_metrics(out_dir: str | Path) -> list[dict[str, float]]:
+    """LitGPT's CSV log (every ``logs/csv/version_*``, resumed runs included) as rows by iteration."""
+    rows: dict[int, dict[str, float]] = {}
+    versions = sorted(Path(out_dir, "logs", "csv").glob("version_*"),
+                      key=lambda p: int(p.name.split("_")[1]))
+    for v in versions:
+        path = v / "metrics.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                step = int(float(r["step"]))
+                row = rows.setdefault(step, {"step": step})
+                row.update({k: float(x) for k, x in r.items() if x not in ("", None) and k != "step"})
+    return [rows[k] for k in sorted(rows)]
+
+
+def loss_curves(rows: list[dict[str, float]]) -> dict[str, tuple[list[float], list[float]]]:
+    """``{"train": (tokens, losses), "val": (tokens, losses)}`` from ``read_metrics`` rows."""
+    out: dict[str, tuple[list[float], list[float]]] = {"train": ([], []), "val": ([], [])}
+    per_iter = None
+    for r in rows:
+        if "loss" in r and "tokens" in r:
+            per_iter = r["tokens"] / (r["iter"])
+            out["train"][0].append(r["tokens"])
+            out["train"][1].append(r["loss"])
+    for r in rows:
+        if "val_loss" in r and per_iter:
+            out["val"][0].append((r["step"] + 1) * per_iter)
+            out["val"][1].append(r["val_loss"])
+    return out
+
+
+def throughput(rows: list[dict[str, float]], profile: Profile) -> dict[str, float]:
+    """Median ms per iteration (one micro-batch), ms per optimizer step and tokens/second."""
+    import statistics
+
+    times = [r["iter_time"] for r in rows if "iter_time" in r][1:] or \
+        [r["iter_time"] for r in rows if "iter_time" in r]
+    if not times:
+        return {}
+    p = profile.pretrain
+    accum = max(1, p.global_batch_size // (p.micro_batch_size * p.devices * p.num_nodes))
+    ms = 1000 * statistics.median(times)
+    tok = tokens_per_iter(profile) * p.devices * p.num_nodes
+    return {"ms_per_iter": ms, "ms_per_step": ms * accum, "tokens_per_sec": tok / (ms / 1000),
+            "micro_batch_size": p.micro_batch_size, "block_size": lit_config(profile).block_size}
+
+
+def scaling_estimate(n_params: int, tokens_seen: int, tokens_per_sec: float) -> dict[str, float]:
+    """What more compute buys: Chinchilla's ~20 tokens per parameter, 6*N*D FLOPs, and the time."""
+    optimal = 20 * n_params
+    return {"params": n_params, "tokens_seen": tokens_seen, "chinchilla_tokens": optimal,
+            "fraction_of_optimal": tokens_seen / optimal, "train_flops": 6 * n_params * tokens_seen,
+            "optimal_flops": 6 * n_params * optimal,
+            "hours_to_optimal_here": optimal / max(tokens_per_sec, 1e-9) / 3600}
+
+
+# ----------------------------------------------------------------------------- sampling
+def lit_model(profile: Profile, checkpoint: str | Path | None = None, seed: int = 0):
+    """A LitGPT ``GPT``: random weights (``checkpoint=None``) or a checkpoint's ``lit_model.pth``."""
+    import torch
+    from litgpt import GPT
+
+    torch.manual_seed(seed)
+    config = lit_config(profile)
+    if checkpoint is not None:
+        from litgpt import Config
+        config = Config.from_file(Path(checkpoint) / "model_config.yaml")
+    model = GPT(config)
+    if checkpoint is not None:
+        state = torch.load(Path(checkpoint) / "lit_model.pth", map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("model", state))
+    return model.eval()
+
+
+def lit_generate(model, tokenizer_dir: str | Path, prompts: Sequence[str], max_new_tokens: int = 40,
+                 temperature: float = 0.0, top_k: int | None = None, seed: int = 0) -> list[str]:
+    """Continue each prompt with LitGPT's ``generate`` (greedy at ``temperature=0``)."""
+    import torch
+    from litgpt import Tokenizer
+    from litgpt.generate.base import generate
+
+    tok = Tokenizer(tokenizer_dir)
+    outs = []
+    for prompt in prompts:
+        ids = tok.encode(prompt, bos=False)
+        total = min(len(ids) + max_new_tokens, model.config.block_size)
+        model.max_seq_length = total
+        model.set_kv_cache(batch_size=1, device=torch.device("cpu"))
+        torch.manual_seed(seed)
+        y = generate(model, ids, total, temperature=temperature, top_k=top_k, eos_id=tok.eos_id,
+                     include_prompt=False)
+        outs.append(tok.decode(y))
+        model.clear_kv_cache()
+    return outs
+
+
+def hf_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 40,
+                temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Continue each prompt with ``transformers``' ``generate`` (greedy at ``temperature=0``)."""
+    import torch
+
+    outs = []
+    for prompt in prompts:
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+        torch.manual_seed(seed)
+        kw = dict(do_sample=True, temperature=temperature) if temperature else dict(do_sample=False)
+        with torch.no_grad():
+            y = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id, **kw)
+        outs.append(tokenizer.decode(y[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return outs
+
+
+# ----------------------------------------------------------------------------- conversion
+def hf_config_from_lit(config, eos_token_id: int | None = None):
+    """The ``GPTNeoXConfig`` of a Pythia-style LitGPT config (other architectures are refused)."""
+    from transformers import GPTNeoXConfig
+
+    unsupported = {"mlp_class_name": (config.mlp_class_name, "GptNeoxMLP"),
+                   "norm_class_name": (config.norm_class_name, "LayerNorm"),
+                   "n_query_groups": (config.n_query_groups, config.n_head),
+                   "lm_head_bias": (config.lm_head_bias, False), "bias": (config.bias, True),
+                   "rope_interleave": (config.rope_interleave, False)}
+    bad = {k: v for k, (v, want) in unsupported.items() if v != want}
+    if bad:
+        raise ValueError(f"{config.name}: not a GPT-NeoX/Pythia architecture ({bad})")
+    rope = {"rope_type": "default", "rope_theta": float(config.rope_base),
+            "partial_rotary_factor": config.rotary_percentage}
+    return GPTNeoXConfig(
+        vocab_size=config.padded_vocab_size, hidden_size=config.n_embd,
+        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+        intermediate_size=config.intermediate_size,
+        hidden_act="gelu" if config.gelu_approximate == "none" else "gelu_new",
+        max_position_embeddings=config.block_size, layer_norm_eps=config.norm_eps,
+        use_parallel_residual=config.parallel_residual, rope_parameters=rope,
+        rotary_pct=config.rotary_percentage, attention_bias=True, tie_word_embeddings=False,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+        architectures=["GPTNeoXForCausalLM"],
+    )
+
+
+def convert_to_hf(checkpoint_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path,
+                  info: dict[str, Any] | None = None) -> Path:
+    """Convert a LitGPT checkpoint into a transformers directory (safetensors + tokenizer).
+
+    LitGPT's ``convert_lit_checkpoint`` renames the weights; we add the ``GPTNeoXConfig``,
+    load them strictly, and save. Written to a temporary folder and renamed, with
+    ``capstone_hf.json`` written last, so a partial directory is never taken for a model.
+    """
+    import torch
+    from litgpt import Config
+    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
+    from transformers import GPTNeoXForCausalLM
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):      # it pprints its arguments
+        convert_lit_checkpoint(checkpoint_dir, tmp)
+    state = torch.load(tmp / "model.pth", map_location="cpu", weights_only=True)
+    (tmp / "model.pth").unlink()
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = hf_config_from_lit(Config.from_file(checkpoint_dir / "model_config.yaml"),
+                                tokenizer.eos_token_id)
+    model = GPTNeoXForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    manifest = {"source_checkpoint": str(checkpoint_dir), "converter": "litgpt.convert_lit_checkpoint",
+                **(info or {})}
+    (tmp / HF_MANIFEST).write_text(json.dumps(manifest, indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def hf_complete(path: str | Path) -> bool:
+    """True when ``path`` holds a finished conversion (its manifest is written last)."""
+    path = Path(path)
+    return all((path / f).is_file() for f in (HF_MANIFEST, "config.json", "model.safetensors",
+                                              "tokenizer.json"))
+
+
+# ----------------------------------------------------------------------------- hand-off
+def export_language_model(profile: Profile, result: PretrainResult | None = None) -> Path:
+    """Convert the profile's final LitGPT checkpoint into ``runs/<profile>/pretrain/hf/``."""
+    paths = pretrain_paths(profile)
+    final = paths.lit / "final"
+    if not (final / "lit_model.pth").is_file():
+        raise FileNotFoundError(f"no final checkpoint in {paths.lit}: run run_pretraining first")
+    summary = _load_summary(paths)
+    info = {"profile": profile.name, "initial_val_loss": summary.get("initial_val_loss"),
+            "final_val_loss": summary.get("final_val_loss")}
+    return convert_to_hf(final, paths.tokenizer, paths.hf, info)
+
+
+def ensure_language_model(profile: Profile) -> str | Path:
+    """The language model for notebooks 03-05: a hub id on GPU profiles, else the local HF dir.
+
+    On cpu/smoke, pretrains (resuming if interrupted) and converts when the directory is
+    missing or incomplete.
+    """
+    lm = getattr(profile, "lm", None)
+    if lm is not None and getattr(lm, "name", None):
+        return lm.name
+    paths = pretrain_paths(profile)
+    if hf_complete(paths.hf):
+        return paths.hf
+    if not (paths.lit / "final" / "lit_model.pth").is_file():
+        run_pretraining(profile)
+    return export_language_model(profile)
+
+
+def load_language_model(profile: Profile, dtype=None):
+    """``(AutoModelForCausalLM, tokenizer)`` with eos = pad = ``<|endoftext|>`` and ``<image>`` added.
+
+    The embeddings are resized only if ``<image>`` got an id outside the model's vocabulary.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = ensure_language_model(profile)
+    local = Path(str(source)).is_dir()
+    tokenizer = load_tokenizer(source)
+    if tokenizer.eos_token != EOS_TOKEN:
+        raise ValueError(f"{source}: eos_token is {tokenizer.eos_token!r}, expected {EOS_TOKEN!r}")
+    kwargs = {"local_files_only": True} if local else {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    if max(tokenizer.get_vocab().values()) >= model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer

@@ -1,0 +1,69 @@
+"""RedPajama-style jsonl text (``{"text": ..., "meta": {...}}`` per line), read with file:line errors."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .validation import DataError
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def iter_jsonl_texts(path: str | Path) -> Iterator[str]:
+    """Yield the ``"text"`` of every line; a bad line raises ``DataError`` naming ``file:line``.
+
+    Blank lines are ignored; a file with no record at all is an error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", path=path)
+    n = 0
+    with _open(path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"not UTF-8 at byte {err.start} of the line", path=where) from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"not JSON (column {err.colno}: {err.msg})", path=where) from None
+            if not isinstance(obj, dict):
+                raise DataError(f"line must be a JSON object, got {type(obj).__name__}", path=where)
+            text = obj.get("text")
+            if not isinstance(text, str):
+                raise DataError("no string 'text' field" if text is None else
+                                f"'text' must be a string, got {type(text).__name__}", path=where)
+            n += 1
+            yield text
+    if n == 0:
+        raise DataError("empty corpus: no jsonl records", path=path)
+
+
+def jsonl_files(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Expand a file, a folder (its ``*.jsonl``/``*.jsonl.gz``, sorted) or a list of them."""
+    items = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    out: list[Path] = []
+    for p in map(Path, items):
+        if p.is_dir():
+            found = sorted([*p.glob("*.jsonl"), *p.glob("*.jsonl.gz")])
+            if not found:
+                raise DataError("folder holds no .jsonl files", path=p)
+            out += found
+        else:
+            out.append(p)
+    if not out:
+        raise DataError("no corpus files given")
+    return out
+
+
+def read_jsonl_texts(paths: str | Path | Iterable[str | Path]) -> list[str]:
+    """All texts of one or more jsonl files (or folders of them), in order."""
+    return [t for p in jsonl_files(paths) for t in iter_jsonl_texts(p)]

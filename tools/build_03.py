@@ -1,0 +1,157 @@
+"""Builds notebooks/03_projector_coco.ipynb (stage 1: teach a frozen LM to see)."""
+from nb import code, md, write_notebook
+
+cells = [
+    md("""
+A language model reads token embeddings. To make it *see*, we turn an image into a few dozen
+vectors that live in the same space as those embeddings. A frozen CLIP vision encoder gives
+one vector per image patch; a small **projector** (Linear -> GELU -> Linear, LLaVA-1.5's
+`mlp2x_gelu`) maps each of them to the LM's embedding size. In stage 1 only the projector
+learns; CLIP and the LM stay frozen, and the task is captioning.
+
+The earlier student projects failed right here. This notebook does each thing the way that works,
+and shows it:
+
+| earlier write-ups | this course |
+|---|---|
+| image and prompt positions supervised (the loss was mostly "predict `<image>`") | only caption tokens + EOS carry labels |
+| one caption of five kept, cut to 12 tokens | every caption of every image, full length |
+| batch size 1-4, constant LR | real batches, AdamW, warmup + cosine, clipping |
+| CLIP re-run on every step | features computed once and cached on disk |
+| a different projector at inference | the same module, saved and reloaded |
+
+On the `cpu` profile the LM is the one you pretrained in notebook 01 (built through the library
+if you skipped it) and the images are ShapesWorld; on GPU profiles it is Phi-2 on COCO 2017.
+"""),
+    code("""
+import time
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import HTML, display
+
+from capstone_lib.chat import CAPTION_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, render_supervision
+from capstone_lib.coco import load_coco_captions
+from capstone_lib.evaluate import evaluate_shapesworld, format_results, generate_answer
+from capstone_lib.feature_cache import ensure_feature_cache
+from capstone_lib.report import StageTimer, record_eval
+from capstone_lib.shapesworld import ensure_shapesworld, show_samples
+from capstone_lib.stage1 import CaptionDataset, build_model, train_stage1
+from capstone_lib.trainer import plot_history
+
+paths = ensure_shapesworld(profile)
+train_records = load_coco_captions(paths.coco_root, "train")
+val_records = load_coco_captions(paths.coco_root, "val")
+print(f"{len(train_records)} training images with {sum(len(r.captions) for r in train_records)} captions; "
+      f"{len(val_records)} held-out images")
+show_samples(paths, n=4);
+"""),
+    md("""
+## 1. Vision features, once
+The frozen encoder gives the same features for an image at every step, so we compute them once
+and keep them on disk (a memory-mapped numpy array keyed by image id, invalidated if the encoder
+or the layer changes). We take LLaVA's choice: the **second-to-last** layer, patch tokens only.
+"""),
+    code("""
+t0 = time.perf_counter()
+train_cache = ensure_feature_cache(profile, "train")
+val_cache = ensure_feature_cache(profile, "val")
+print(train_cache, f"ready in {time.perf_counter() - t0:.1f} s")
+n_tokens, vision_dim = train_cache.feature_shape
+assert len(train_cache) == len(train_records) and len(val_cache) == len(val_records)
+"""),
+    md("""
+## 2. The model and what it is trained on
+`build_model` loads the LM, freezes it, and adds a fresh projector. `<image>` in the prompt is
+expanded to one placeholder per patch; the model swaps the placeholders for the projected
+features (exactly what transformers' `LlavaForConditionalGeneration` does, which is why notebook
+04 can export a standard Llava checkpoint). Green tokens below are supervised; grey ones are not.
+"""),
+    code("""
+vlm, tokenizer, n_tokens = build_model(profile)
+trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+frozen = sum(p.numel() for p in vlm.parameters() if not p.requires_grad)
+print(f"projector: {trainable:,} trainable parameters; language model: {frozen:,} frozen")
+sample_set = CaptionDataset(train_records[:2], tokenizer, n_tokens, profile.stage1.max_len)
+s = sample_set[0]
+display(HTML(render_supervision(tokenizer, s["input_ids"], s["labels"])))
+image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+supervised = [t for t, l in zip(s["input_ids"], s["labels"]) if l != IGNORE_INDEX]
+assert image_id not in supervised and supervised[-1] == tokenizer.eos_token_id
+assert tokenizer.decode(supervised[:-1]).strip() == s["caption"]
+"""),
+    md("""
+Two guards raise errors instead of warnings: a batch with no supervised token (the loss would
+be meaningless), and a prompt whose pieces tokenize differently from the whole text (training
+would then see other tokens than inference).
+"""),
+    code("""
+from capstone_lib.batching import collate_padded
+bad = dict(s, labels=[IGNORE_INDEX] * len(s["labels"]))
+try:
+    collate_padded([bad], tokenizer.pad_token_id, train_cache.get_batch)
+    raise AssertionError("an all-masked batch must be refused")
+except ValueError as err:
+    print("refused:", err)
+"""),
+    md("""
+## 3. Before training
+With a random projector the LM gets noise where the image should be. We measure the same
+held-out evaluation the course reports at the end (question answering and captions on images
+never seen in training).
+"""),
+    code("""
+ev = profile.eval
+before = evaluate_shapesworld(vlm, tokenizer, val_cache, paths, ev.n_questions, ev.n_captions,
+                              max_new_tokens=ev.max_new_tokens)
+record_eval(profile, "before_training", {k: v for k, v in before.items() if not k.endswith("examples")})
+print(format_results({"before training": before}))
+for ex in before["caption_examples"][:3]:
+    print(" ", ex)
+del vlm
+"""),
+    md("""
+## 4. Train the projector
+AdamW, warmup then cosine decay, gradient clipping, checkpoints you can resume from
+(`resume="auto"`: rerun this cell after a disconnect and it continues where it stopped).
+Every few hundred steps it prints generated captions next to the references.
+"""),
+    code("""
+with StageTimer(profile, "stage1") as t:
+    result = train_stage1(profile, resume="auto")
+    t.metrics.update({"steps": result["meta"]["steps"], "samples": result["meta"]["samples"],
+                      "final_loss": result["history"][-1]["loss"]})
+print(t.metrics)
+plot_history(result["history"], title="stage 1: projector training");
+"""),
+    md("""
+## 5. After training
+"""),
+    code("""
+vlm, tokenizer = result["model"], result["tokenizer"]
+after = evaluate_shapesworld(vlm, tokenizer, val_cache, paths, ev.n_questions, ev.n_captions,
+                             max_new_tokens=ev.max_new_tokens)
+record_eval(profile, "after_stage1", {k: v for k, v in after.items() if not k.endswith("examples")})
+print(format_results({"before training": before, "after stage 1": after}))
+
+fig, axes = plt.subplots(1, 4, figsize=(14, 4))
+for ax, rec in zip(axes, val_records[:4]):
+    from PIL import Image
+    ax.imshow(Image.open(rec.path)); ax.axis("off")
+    cap = generate_answer(vlm, tokenizer, val_cache.get_batch([rec.image_id])[0],
+                          f"{IMAGE_TOKEN}\\n{CAPTION_PROMPT}", max_new_tokens=48)
+    ax.set_title("\\n".join([cap[i:i + 30] for i in range(0, len(cap), 30)]), fontsize=8)
+plt.show()
+
+if profile.name == "cpu":
+    # The projector alone must make the frozen LM name the right objects on unseen images.
+    assert after["caption_accuracy"] >= 0.5, after["caption_accuracy"]
+    assert after["caption_accuracy"] >= before["caption_accuracy"] + 0.4
+"""),
+    md("""
+The projector is saved in `runs/<profile>/projector/` (safetensors + a json saying which encoder,
+layer and sizes it was trained for). Notebook 04 starts from it.
+"""),
+]
+
+if __name__ == "__main__":
+    print(write_notebook("03_projector_coco", "03 · Stage 1: teach a frozen language model to see", cells))

@@ -1,0 +1,145 @@
+"""Builds notebooks/04_qlora_llava_instruct.ipynb (stage 2: QLoRA on conversations, export)."""
+from nb import code, md, write_notebook
+
+cells = [
+    md("""
+Stage 1 taught the projector to describe images. Now the model learns to **answer**: we
+fine-tune the language model together with the projector on LLaVA-Instruct-style
+conversations. The LM is loaded in 4-bit NF4 (bitsandbytes) and only small LoRA adapters on
+its attention and MLP projections learn (QLoRA): that is what lets Phi-2 fit a T4.
+
+What the earlier write-ups got wrong, and what this notebook shows instead:
+- they never fed the answer as input (no teacher forcing): here the answer tokens are the input
+  *and* the (shifted) labels;
+- EOS was both padding and `ignore_index`, so the model never learned to stop: here padding is
+  masked by position and the EOS after every answer is supervised;
+- one turn per conversation: here every turn is kept (truncated only at turn boundaries);
+- `PeftModel.from_pretrained(...)`'s result was discarded, so the demo ran an untrained adapter:
+  here loading an adapter checks that it really changes the model.
+"""),
+    code("""
+import json
+import matplotlib.pyplot as plt
+import torch
+from IPython.display import HTML, display
+
+from capstone_lib.chat import IMAGE_TOKEN, encode_conversation, render_supervision
+from capstone_lib.evaluate import evaluate_shapesworld, format_results
+from capstone_lib.feature_cache import ensure_feature_cache
+from capstone_lib.llava_data import load_llava_instruct
+from capstone_lib.report import StageTimer, load_report, record_eval
+from capstone_lib.shapesworld import ensure_shapesworld
+from capstone_lib.stage1 import ensure_projector
+from capstone_lib.stage2 import ConversationDataset, ensure_assistant, train_stage2
+from capstone_lib.tokenizer import load_tokenizer
+from capstone_lib.pretrain import ensure_language_model
+from capstone_lib.trainer import plot_history
+
+paths = ensure_shapesworld(profile)
+ensure_projector(profile)            # notebook 03's projector (trained now if you skipped 03)
+records = load_llava_instruct(paths.llava_train, paths.train_images)
+val_cache = ensure_feature_cache(profile, "val")
+n_tokens = val_cache.feature_shape[0]
+print(f"{len(records)} conversations, {sum(len(r.conversations) // 2 for r in records)} question-answer turns")
+print(json.dumps(records[0].conversations, indent=1)[:600])
+"""),
+    md("""
+## 1. One template, every turn supervised
+The course renders every conversation with one template (Phi-2's `Instruct: ... Output: ...`),
+in training and at inference. Human turns are grey (masked), answers and their EOS green.
+"""),
+    code("""
+tokenizer = load_tokenizer(ensure_language_model(profile))
+enc = encode_conversation(tokenizer, records[0].conversations, n_tokens, profile.stage2.max_len)
+display(HTML(render_supervision(tokenizer, enc.input_ids, enc.labels)))
+n_answers = sum(1 for t in records[0].conversations if t["from"] == "gpt")
+supervised_eos = sum(1 for t, l in zip(enc.input_ids, enc.labels) if l == tokenizer.eos_token_id)
+assert supervised_eos == n_answers, "every answer must end with a supervised EOS"
+
+# Too long for the context? Whole turns are dropped from the end, never half a turn.
+short = encode_conversation(tokenizer, records[0].conversations, n_tokens, max_len=n_tokens + 30)
+print(f"kept {short.turns_kept} of {short.turns_total} turns at max_len={n_tokens + 30}")
+assert short.turns_kept % 2 == 0
+"""),
+    md("""
+## 2. Train: 4-bit base + LoRA + projector
+Same trainer as stage 1 (warmup + cosine, accumulation, clipping, resumable checkpoints); the
+LoRA weights and the projector get their own learning rates. Batches group conversations of
+similar length so little compute goes to padding.
+"""),
+    code("""
+with StageTimer(profile, "stage2") as t:
+    result = train_stage2(profile, resume="auto")
+    t.metrics.update({"steps": len(result["history"]), "conversations": result["samples"],
+                      "truncated": result["truncated"], "final_loss": result["history"][-1]["loss"]})
+print(t.metrics)
+vlm, tokenizer = result["model"], result["tokenizer"]
+print(type(vlm.lm.base_model.model).__name__, "with LoRA;",
+      sum(p.numel() for p in vlm.parameters() if p.requires_grad), "trainable parameters")
+plot_history(result["history"], title="stage 2: QLoRA + projector");
+"""),
+    md("""
+## 3. Held-out evaluation
+Questions about images the model never saw, by type; answers normalised (case, punctuation,
+number words) before matching. The report keeps all three phases.
+"""),
+    code("""
+ev = profile.eval
+with StageTimer(profile, "eval") as t:
+    final = evaluate_shapesworld(vlm, tokenizer, val_cache, paths, ev.n_questions, ev.n_captions,
+                                 max_new_tokens=ev.max_new_tokens)
+scores = {k: v for k, v in final.items() if not k.endswith("examples")}
+record_eval(profile, "after_stage2", scores)
+report = record_eval(profile, "final", scores)
+phases = report["eval"]["phases"]
+print(format_results({"before training": phases.get("before_training", final),
+                      "after stage 1": phases.get("after_stage1", final), "after stage 2": final}))
+for ex in final["vqa_examples"][:8]:
+    print(f"  {'OK ' if ex['ok'] else 'BAD'} Q: {ex['question']:<42} A: {ex['prediction']!r:<16} ref: {ex['answer']!r}")
+
+types = sorted(final["vqa_by_type"])
+plt.figure(figsize=(7, 3))
+for i, (name, key) in enumerate([("before training", "before_training"), ("after stage 1", "after_stage1")]):
+    if key in phases:
+        plt.bar([j + i * 0.27 for j in range(len(types))], [phases[key]["vqa_by_type"][t] for t in types], 0.27, label=name)
+plt.bar([j + 0.54 for j in range(len(types))], [final["vqa_by_type"][t] for t in types], 0.27, label="after stage 2")
+plt.xticks([j + 0.27 for j in range(len(types))], types); plt.ylabel("accuracy"); plt.legend(); plt.show()
+
+if profile.name == "cpu":
+    assert final["n_questions"] >= 200
+    assert final["vqa_accuracy"] >= 0.90, final["vqa_accuracy"]
+    assert final["caption_accuracy"] >= 0.80, final["caption_accuracy"]
+    assert final["vqa_accuracy"] >= phases["after_stage1"]["vqa_accuracy"] + 0.3
+"""),
+    md("""
+## 4. Export one standard checkpoint
+The LoRA is merged into a full-precision copy of the base LM, the projector becomes Llava's
+multimodal projector, and the vision tower and processor (image processor, tokenizer, chat
+template with the image token) are saved next to them, all in safetensors. Anyone can load it
+with plain transformers, no code from this course.
+"""),
+    code("""
+with StageTimer(profile, "export"):
+    assistant_path = ensure_assistant(profile)
+print(sorted(p.name for p in assistant_path.iterdir()))
+
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+from capstone_lib.evaluate import generate_answer
+
+q = json.loads(paths.eval_questions.read_text())[0]
+image = Image.open(paths.root / q["image"])
+pipe = pipeline("image-text-to-text", model=str(assistant_path))
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q["question"]}]}]
+out = pipe(text=messages, images=[image], max_new_tokens=16, do_sample=False, return_full_text=False)
+exported_answer = out[0]["generated_text"].strip()
+library_answer = generate_answer(vlm, tokenizer, val_cache.get_batch([q["image_id"]])[0],
+                                 f"{IMAGE_TOKEN}\\n{q['question']}", max_new_tokens=16)
+print(f"Q: {q['question']}  exported: {exported_answer!r}  in-library: {library_answer!r}  truth: {q['answer']!r}")
+plt.imshow(image); plt.axis("off"); plt.show()
+assert exported_answer == library_answer
+"""),
+]
+
+if __name__ == "__main__":
+    print(write_notebook("04_qlora_llava_instruct", "04 · Stage 2: QLoRA on conversations, and a standard assistant", cells))
