@@ -19,7 +19,7 @@ from .report import load_report, report_path
 
 def notebooks(root: Path = REPO_ROOT / "notebooks") -> list[Path]:
     """The course notebooks in order (``01_...`` to ``05_...``)."""
-    return sorted(p for p in root.glob("[0-9][0-9]_*.ipynb"))
+    return sorted(p for p in root.glob("[0-9][0-9]*_*.ipynb"))
 
 
 def run_notebook(path: Path, out_dir: Path, timeout: int = 3600) -> float:

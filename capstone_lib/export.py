@@ -252,6 +252,11 @@ def to_llava(vlm: VisionLanguageModel, vision_tower: nn.Module | None, tokenizer
 
 
 # ----------------------------------------------------------------------------- on disk
+def assistant_dir(profile) -> Path:
+    """Where a profile's finished assistant is exported: ``runs/<profile>/assistant/``."""
+    return Path(profile.run_dir) / "assistant"
+
+
 def _load_projector(projector: nn.Module | dict | str | Path, vision_dim: int, text_dim: int) -> nn.Module:
     """An ``mlp2x_gelu`` projector from a module, a state dict or a ``.safetensors`` file."""
     if isinstance(projector, nn.Module):

@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 def _canonical(d: dict) -> dict:
     """A config dict without keys that do not change the computation (versions, private names)."""
     return {k: _canonical(v) if isinstance(v, dict) else v for k, v in sorted(d.items())
-            if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
+            if not str(k).startswith("_") and k not in ("transformers_version", "name_or_path")}
 
 
 def encoder_fingerprint(vision_model, image_processor=None) -> str:

@@ -57,7 +57,7 @@ def _encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def tokenize_jsonl(path: str | Path, tokenizer, max_tokens: int | None = None) -> np.ndarray:
-    """All documents of one jsonl file as one array of ids, each document ending with EOS.
+    """All documents of one jsonl file as one array of ids, each document ending with one EOS.
 
     Bad lines raise ``DataError`` naming the file and line; a file without any document
     raises too. ``max_tokens`` stops reading once that many ids were collected.
@@ -72,7 +72,9 @@ def tokenize_jsonl(path: str | Path, tokenizer, max_tokens: int | None = None) -
     def flush() -> None:
         nonlocal n_tokens
         for ids in _encode_texts(tokenizer, batch):
-            arr = np.asarray(ids + [tokenizer.eos_id], dtype=dtype)
+            if not ids or ids[-1] != tokenizer.eos_id:   # chat documents already end with EOS
+                ids = ids + [tokenizer.eos_id]
+            arr = np.asarray(ids, dtype=dtype)
             chunks.append(arr)
             n_tokens += arr.size
         batch.clear()

@@ -122,16 +122,16 @@ def download_redpajama_sample(dest: str | Path, repo_id: str = "togethercomputer
 
 def ensure_tokenizer(profile: Profile) -> Path:
     """The tokenizer directory: a BPE trained on the corpus (cpu/smoke) or the hub one (GPU)."""
-    from .redpajama import iter_jsonl_texts
+    from .redpajama import iter_jsonl_texts, jsonl_files
 
     p, paths = profile.pretrain, pretrain_paths(profile)
     if p.tokenizer != "train":
         return prepare_tokenizer(p.tokenizer, paths.tokenizer)
-    train, _ = corpus_paths(profile)
-    stat = train.stat()
-    return prepare_tokenizer("train", paths.tokenizer, iter_jsonl_texts(train), p.vocab_size,
-                             model_max_length=lit_config(profile).block_size,
-                             corpus_id=f"{train.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    files = jsonl_files(corpus_paths(profile)[0])
+    corpus_id = [f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file()]
+    texts = (t for f in files for t in iter_jsonl_texts(f))
+    return prepare_tokenizer("train", paths.tokenizer, texts, p.vocab_size,
+                             model_max_length=lit_config(profile).block_size, corpus_id=str(corpus_id))
 
 
 def lit_config(profile: Profile):
@@ -268,7 +268,9 @@ def run_pretraining(profile: Profile, max_tokens: int | None = None, resume: boo
     if not resume:
         shutil.rmtree(paths.lit, ignore_errors=True)
         summary = {}
-    result = _stream(cmd, paths, profile, max_tokens, verbose)
+    max_iters = int(max_tokens or profile.pretrain.max_tokens) // (
+        tokens_per_iter(profile) * profile.pretrain.devices * profile.pretrain.num_nodes)
+    result = run_litgpt(cmd, paths, max_iters, verbose)
     if result.resumed_from is None and result.initial_val_loss is not None:
         summary["initial_val_loss"] = result.initial_val_loss
     result.initial_val_loss = summary.get("initial_val_loss", result.initial_val_loss)
@@ -278,12 +280,12 @@ def run_pretraining(profile: Profile, max_tokens: int | None = None, resume: boo
     return result
 
 
-def _stream(cmd: list[str], paths: PretrainPaths, profile: Profile, max_tokens: int | None,
-            verbose: str) -> PretrainResult:
+def run_litgpt(cmd: list[str], paths: PretrainPaths, max_iters: int | None = None,
+               verbose: str = "progress") -> PretrainResult:
+    """Run a LitGPT command, log it to ``paths.log``, show progress; ``PretrainError`` on failure."""
     from tqdm.auto import tqdm
 
-    max_iters = int(max_tokens or profile.pretrain.max_tokens) // (
-        tokens_per_iter(profile) * profile.pretrain.devices * profile.pretrain.num_nodes)
+    paths.root.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=40)
     res = PretrainResult(paths.lit, paths.lit / "final", 0.0, command=cmd)
     bar = tqdm(total=max_iters, desc="pretrain iters", disable=verbose == "none", mininterval=1.0)
@@ -423,12 +425,13 @@ def lit_generate(model, tokenizer_dir: str | Path, prompts: Sequence[str], max_n
 
     tok = Tokenizer(tokenizer_dir)
     outs = []
-    for prompt in prompts:
-        ids = tok.encode(prompt, bos=False)
+    device = next(model.parameters()).device
+    for i, prompt in enumerate(prompts):
+        ids = tok.encode(prompt, bos=False, device=device)
         total = min(len(ids) + max_new_tokens, model.config.block_size)
         model.max_seq_length = total
-        model.set_kv_cache(batch_size=1, device=torch.device("cpu"))
-        torch.manual_seed(seed)
+        model.set_kv_cache(batch_size=1, device=device)
+        torch.manual_seed(seed + i)
         y = generate(model, ids, total, temperature=temperature, top_k=top_k, eos_id=tok.eos_id,
                      include_prompt=False)
         outs.append(tok.decode(y))
@@ -442,9 +445,9 @@ def hf_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 
     import torch
 
     outs = []
-    for prompt in prompts:
-        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-        torch.manual_seed(seed)
+    for i, prompt in enumerate(prompts):
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        torch.manual_seed(seed + i)
         kw = dict(do_sample=True, temperature=temperature) if temperature else dict(do_sample=False)
         with torch.no_grad():
             y = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,

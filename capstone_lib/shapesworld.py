@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 
 from .chat import CAPTION_PROMPT, IMAGE_TOKEN, segments
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2   # bump whenever the output bytes change (new folder hash)
 EOS_TOKEN = "<|endoftext|>"   # eos of the course tokenizers (local BPE, Pythia, Phi-2)
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -583,11 +583,11 @@ def show_samples(paths: ShapesWorldPaths, n: int = 8, split: str = "train", cols
         caps.setdefault(a["image_id"], a["caption"])
     images = ann["images"][:n]
     rows = max(1, (len(images) + cols - 1) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 4.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, im in zip(axes.flat, images):
         ax.imshow(Image.open(paths.coco_root / f"{split}2017" / im["file_name"]).convert("RGB"))
-        ax.set_title("\n".join(textwrap.wrap(caps.get(im["id"], ""), 28)), fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(caps.get(im["id"], ""), 34)), fontsize=7)
     fig.tight_layout()
     return fig

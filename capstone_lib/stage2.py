@@ -169,7 +169,7 @@ def ensure_assistant(profile: Profile) -> Path:
     from .export import export_llava
     from .pretrain import ensure_language_model
     from .tokenizer import load_tokenizer
-    from .vision import encoder_dir, load_image_processor
+    from .vision import load_vision_tower
 
     out = assistant_dir(profile)
     if (out / "config.json").exists():
@@ -178,7 +178,24 @@ def ensure_assistant(profile: Profile) -> Path:
     if not (s2 / "adapter" / "adapter_config.json").exists():
         train_stage2(profile)
     lm_path = ensure_language_model(profile)
-    vision = encoder_dir(profile)
-    return export_llava(out, tokenizer=load_tokenizer(lm_path), image_processor=load_image_processor(vision),
-                        vision_tower=vision, base_lm=lm_path, adapter_dir=s2 / "adapter",
+    tower, image_processor = load_vision_tower(profile, device="cpu")
+    return export_llava(out, tokenizer=load_tokenizer(lm_path), image_processor=image_processor,
+                        vision_tower=tower, base_lm=lm_path, adapter_dir=s2 / "adapter",
                         projector=s2 / "projector" / "projector.safetensors")
+
+
+def load_trained_model(profile: Profile):
+    """The finished in-library assistant: full-precision base LM + checked, merged adapter + projector.
+
+    This is exactly what ``ensure_assistant`` exports. ``load_adapter_checked`` returns the
+    loaded model (the earlier demo threw it away) and refuses an all-zero or mismatched adapter.
+    """
+    from .export import load_adapter_checked
+    from .mm_model import VisionLanguageModel
+    from .pretrain import load_language_model
+
+    base, tokenizer = load_language_model(profile)
+    lm = load_adapter_checked(base, stage2_dir(profile) / "adapter").merge_and_unload()
+    projector, _ = load_projector(stage2_dir(profile) / "projector")
+    vlm = VisionLanguageModel(lm, projector, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).eval()
+    return vlm, tokenizer

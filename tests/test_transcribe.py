@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from capstone_lib import get_profile
+from capstone_lib.evaluate import normalize_answer
 from capstone_lib.audio import AudioError, decode_audio, save_audio
 from capstone_lib.transcribe import BUNDLED, Transcriber, Transcript, bundled_model_path
 
@@ -73,9 +74,13 @@ def test_joins_all_segments_past_30_seconds(transcriber):
     a = decode_audio(CLIPS / "what_color_is_the_circle.wav")
     b = decode_audio(CLIPS / "how_many_shapes_are_there.wav")
     long = np.concatenate([a, np.zeros(16000 * 3, np.float32), b, np.zeros(16000 * 40, np.float32), a])
-    result = transcriber.transcribe(long)
-    assert result.text == "What color is the circle? How many shapes are there? What color is the circle?"
-    assert result.duration > 45 and len(result.segments) >= 3
+    said = "What color is the circle? How many shapes are there? What color is the circle?"
+    result = transcriber.transcribe(long)          # VAD cuts the silences out first
+    assert normalize_answer(result.text) == normalize_answer(said)   # punctuation may vary
+    assert result.duration > 45
+    plain = Transcriber(BUNDLED, vad_filter=False).transcribe(long)  # three windowed segments
+    assert len(plain.segments) == 3 and plain.segments[-1][0] >= 30
+    assert normalize_answer(plain.text) == normalize_answer(said)
 
 
 def test_no_speech(transcriber, tmp_path):

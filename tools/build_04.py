@@ -79,8 +79,17 @@ print(type(vlm.lm.base_model.model).__name__, "with LoRA;",
 plot_history(result["history"], title="stage 2: QLoRA + projector");
 """),
     md("""
+The model we ship merges the LoRA weights into a full-precision copy of the base LM. We load it
+back from the saved files, as the demo will: `load_adapter_checked` *returns* the adapted model
+(the earlier demo discarded it) and refuses an adapter that is all zeros or does not fit the base.
+"""),
+    code("""
+from capstone_lib.stage2 import load_trained_model
+vlm, tokenizer = load_trained_model(profile)
+"""),
+    md("""
 ## 3. Held-out evaluation
-Questions about images the model never saw, by type; answers normalised (case, punctuation,
+Questions about images the model never saw (asked of the merged model that we ship), by type; answers normalised (case, punctuation,
 number words) before matching. The report keeps all three phases.
 """),
     code("""
@@ -130,8 +139,8 @@ from capstone_lib.evaluate import generate_answer
 q = json.loads(paths.eval_questions.read_text())[0]
 image = Image.open(paths.root / q["image"])
 pipe = pipeline("image-text-to-text", model=str(assistant_path))
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q["question"]}]}]
-out = pipe(text=messages, images=[image], max_new_tokens=16, do_sample=False, return_full_text=False)
+messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": q["question"]}]}]
+out = pipe(text=messages, max_new_tokens=16, do_sample=False, return_full_text=False)
 exported_answer = out[0]["generated_text"].strip()
 library_answer = generate_answer(vlm, tokenizer, val_cache.get_batch([q["image_id"]])[0],
                                  f"{IMAGE_TOKEN}\\n{q['question']}", max_new_tokens=16)
