@@ -319,7 +319,9 @@ def fit_tiny_clip(model, tokenizer, pixel_values: torch.Tensor, captions: Sequen
     for step in bar:
         images = torch.randperm(len(captions), generator=gen)[:batch_size]
         rows = torch.tensor([rng.choice(by_image[i]) for i in images.tolist()])
-        out = model(input_ids=ids[rows], attention_mask=mask[rows], pixel_values=pixel_values[images])
+        length = int(mask[rows].sum(1).max())          # trim padding shared by the whole batch
+        out = model(input_ids=ids[rows, :length], attention_mask=mask[rows, :length],
+                    pixel_values=pixel_values[images])
         same = text_id[rows][:, None] == text_id[rows][None, :]
         loss = contrastive_loss(out.logits_per_image, same)
         opt.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ so each of the ~30 short training processes starts in milliseconds rather than s
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import random
 import signal
 import time
@@ -32,8 +33,18 @@ FINAL = "step-000012"
 @pytest.fixture(scope="module")
 def ctx():
     """A forkserver context whose server has already imported the worker (and torch, peft ...)."""
+    here = Path(__file__).resolve().parent
+    # Python 3.11's forkserver ignores the parent's sys.path: PYTHONPATH makes the preload work
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(here), str(here.parent), old]))
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["fault_worker"])
+    ctx.set_forkserver_preload(["fault_worker", "transformers", "peft", "bitsandbytes",
+                                "transformers.models.gpt_neox.modeling_gpt_neox"])
+    ctx.Process(target=time.sleep, args=(0,)).start()      # start the server now, with that path
+    if old is None:
+        os.environ.pop("PYTHONPATH")
+    else:
+        os.environ["PYTHONPATH"] = old
     return ctx
 
 

@@ -1,0 +1,52 @@
+"""Builds notebooks/04b_seed_bug_lessons.ipynb: what each defect of the earlier write-ups costs."""
+from nb import code, md, write_notebook
+
+cells = [
+    md("""
+Two earlier student projects trained this kind of model for 30 hours and got one that did not
+answer. Here we switch their defects back on, one at a time, train the same short slice of
+stage 2 as the correct recipe, and measure each with the course's held-out evaluation:
+
+| defect | what the earlier code did |
+|---|---|
+| labels not masked | image and prompt positions were supervised too (the loss was mostly "predict `<image>`") |
+| no teacher forcing | the answer was never fed as input; question positions were trained to emit it |
+| adapter not loaded | `PeftModel.from_pretrained(...)`'s result was thrown away: the demo ran the bare LM |
+
+The switches live in `capstone_lib.stage1.SeedBugs` and default to off; they exist for this lesson only.
+"""),
+    code("""
+import matplotlib.pyplot as plt
+from capstone_lib.evaluate import format_results
+from capstone_lib.lessons import run_lessons
+from capstone_lib.report import StageTimer, load_report
+
+steps = {"smoke": 2, "cpu": 150}.get(profile.name, 300)
+n_q = {"smoke": 8}.get(profile.name, 100)
+with StageTimer(profile, "lessons") as t:
+    rows = run_lessons(profile, steps=steps, n_questions=n_q, n_captions=n_q // 2)
+    t.metrics = {k: {"vqa_accuracy": v["vqa_accuracy"], "caption_accuracy": v["caption_accuracy"]}
+                 for k, v in rows.items()}
+print(f"{steps} stage-2 steps each, {n_q} held-out questions")
+print(format_results(rows))
+"""),
+    code("""
+names = list(rows)
+fig, ax = plt.subplots(figsize=(8, 3))
+ax.barh(names, [rows[n]["vqa_accuracy"] for n in names], color=["tab:green"] + ["tab:red"] * (len(names) - 1))
+ax.set_xlabel("held-out question accuracy"); ax.invert_yaxis(); ax.set_xlim(0, 1)
+plt.show()
+for name in names:
+    ex = rows[name]["vqa_examples"][0]
+    print(f"{name:<20} Q: {ex['question']!r:<40} -> {ex['prediction']!r}  (truth {ex['answer']!r})")
+"""),
+    code("""
+if profile.name == "cpu":
+    good = rows["correct recipe"]["vqa_accuracy"]
+    for name in ("labels not masked", "no teacher forcing", "adapter not loaded"):
+        assert rows[name]["vqa_accuracy"] <= good - 0.2, (name, rows[name]["vqa_accuracy"], good)
+"""),
+]
+
+if __name__ == "__main__":
+    print(write_notebook("04b_seed_bug_lessons", "04b · The seed-bug lessons: what each defect costs", cells))
