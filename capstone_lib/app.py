@@ -195,3 +195,114 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------- notebook UI
+class NotebookDemo:
+    """The same demo as ipywidgets inside a notebook: uploads, a question box, a streamed answer.
+
+    ``display(NotebookDemo(assistant).widget)``. Every control is an attribute, so that a
+    test (or nbmake) can drive it without a browser: ``set_image``, ``set_audio``,
+    ``question.value = ...``, ``ask_button.click()``, then read ``answer.value``.
+    """
+
+    def __init__(self, assistant: Assistant, max_upload_mb: float = 10, **generation):
+        import ipywidgets as w
+
+        self.assistant, self.max_bytes, self.generation = assistant, int(max_upload_mb * 2**20), generation
+        self.chat: Chat | None = None
+        self.audio: Any = None
+        self.image_upload = w.FileUpload(accept="image/*", description="Image", multiple=False)
+        self.audio_upload = w.FileUpload(accept="audio/*", description="Audio", multiple=False)
+        self.question = w.Text(placeholder="What color is the circle?", description="Question",
+                               layout=w.Layout(width="420px"))
+        self.ask_button = w.Button(description="Ask", button_style="primary")
+        self.new_chat_button = w.Button(description="New chat")
+        self.preview = w.Image(format="png", width=160)
+        self.status = w.HTML()
+        self.answer = w.HTML(layout=w.Layout(min_height="80px"))
+        self.image_upload.observe(lambda change: self._uploaded(change, self.set_image), names="value")
+        self.audio_upload.observe(lambda change: self._uploaded(change, self.set_audio), names="value")
+        self.ask_button.on_click(self.ask)
+        self.new_chat_button.on_click(lambda _: self.reset())
+        self.widget = w.VBox([
+            w.HBox([self.image_upload, self.audio_upload, self.new_chat_button]),
+            w.HBox([self.preview, w.VBox([self.question, self.ask_button, self.status])]),
+            self.answer])
+
+    def _error(self, message: str) -> None:
+        import html
+        self.status.value = f"<span style='color:#b00'>{html.escape(message)}</span>"
+
+    def _uploaded(self, change, setter) -> None:
+        files = change["new"]
+        if not files:
+            return
+        upload = files[0]
+        if upload["size"] > self.max_bytes:
+            self._error(f"{upload['name']}: {upload['size'] / 2**20:.1f} MB is over the "
+                        f"{self.max_bytes / 2**20:g} MB upload limit (setting demo.max_upload_mb)")
+            return
+        setter(bytes(upload["content"]), upload["name"])
+
+    def set_image(self, image: Any, name: str = "image") -> bool:
+        """Use ``image`` (path, bytes, PIL or array) for a new conversation; False with a message if bad."""
+        import io
+        try:
+            pil = as_image(image, name=name)
+            self.chat = self.assistant.chat(pil)
+        except ValueError as exc:
+            self._error(str(exc))
+            return False
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG")
+        self.preview.value = buf.getvalue()
+        self.answer.value, self.status.value = "", ""
+        return True
+
+    def set_audio(self, audio: Any, name: str = "audio") -> None:
+        """Use ``audio`` (path, bytes or 16 kHz array) for the next question when the box is empty."""
+        self.audio = audio
+        self.status.value = f"audio ready: {name}"
+
+    def reset(self) -> None:
+        """Forget the conversation, keep the image."""
+        if self.chat is not None:
+            self.chat.reset()
+        self.answer.value = ""
+
+    def _render(self, current: str = "") -> None:
+        import html
+        turns = self.chat.history if self.chat else []
+        rows = [f"<b>{'You' if t['from'] == 'human' else 'Assistant'}:</b> "
+                f"{html.escape(t['value'].replace('<image>', '').strip())}" for t in turns]
+        if current:
+            rows.append(current)
+        self.answer.value = "<br>".join(rows)
+
+    def ask(self, _button=None) -> str:
+        """The Ask button: transcribe if needed, then stream the answer into ``answer``."""
+        import html
+        if self.chat is None:
+            self._error("no image: upload or choose an image first")
+            return ""
+        text, audio = self.question.value, self.audio
+        try:
+            question = self.chat.assistant.question(text, audio)
+        except ValueError as exc:
+            self._error(str(exc))
+            return ""
+        spoken = not text.strip() and audio is not None
+        self.status.value = f"heard: <i>{html.escape(question)}</i>" if spoken else ""
+        head = f"<b>You:</b> {html.escape(question)}<br><b>Assistant:</b> "
+        pieces: list[str] = []
+        try:
+            for piece in self.chat.stream(question, **self.generation):
+                pieces.append(piece)
+                self._render(head + html.escape("".join(pieces)))
+        except ValueError as exc:
+            self._error(str(exc))
+            return ""
+        self._render()
+        self.question.value, self.audio = "", None
+        return "".join(pieces).strip()

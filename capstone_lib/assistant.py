@@ -43,7 +43,7 @@ def _setting(profile, section: str, key: str, default: Any) -> Any:
 
 
 def as_image(image: Any, name: str = "image") -> Image.Image:
-    """A PIL RGB image from a PIL image, a file path or an ``(H, W[, C])`` array; clear errors."""
+    """A PIL RGB image from a PIL image, a path, file bytes or an ``(H, W[, C])`` array; clear errors."""
     from .images import load_image, to_rgb
     from .validation import DataError
 
@@ -51,6 +51,15 @@ def as_image(image: Any, name: str = "image") -> Image.Image:
         raise AssistantError("no image: upload or choose an image first")
     if isinstance(image, (str, Path)):
         return load_image(image)                      # DataError names the file
+    if isinstance(image, (bytes, bytearray, memoryview)):   # an upload's content
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            path.write_bytes(bytes(image))
+            try:
+                return load_image(path)
+            except DataError as exc:
+                raise DataError(exc.message, path=name) from None
     if isinstance(image, Image.Image):
         if min(image.size) < 8:
             raise DataError(f"image is {image.size[0]}x{image.size[1]}, too small", path=name)
@@ -67,7 +76,7 @@ def as_image(image: Any, name: str = "image") -> Image.Image:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
         return to_rgb(Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr))
     raise AssistantError(f"cannot use a {type(image).__name__} as an image; give a PIL image, "
-                         "a file path or a numpy array")
+                         "a file path, the file's bytes or a numpy array")
 
 
 @dataclass

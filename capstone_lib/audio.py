@@ -35,10 +35,6 @@ def _name(source) -> str:
     return "<array>"
 
 
-def _resampler() -> av.AudioResampler:
-    return av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-
-
 def _too_long(seconds: float, max_seconds: float, name: str) -> AudioError:
     return AudioError(f"the recording is {seconds:.1f} s or longer; the limit is {max_seconds:g} s "
                       "(setting audio.max_seconds)", name)
@@ -110,15 +106,15 @@ def to_mono(array: np.ndarray, name: str = "<array>") -> np.ndarray:
     return array.mean(axis=1 if not channels_first else 0)
 
 
-def resample(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    """Resample mono float32 samples from ``sample_rate`` to 16 kHz with PyAV's swresample."""
-    if sample_rate == SAMPLE_RATE:
+def resample(audio: np.ndarray, sample_rate: int, target_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample mono float32 samples from ``sample_rate`` to ``target_rate`` (swresample, band-limited)."""
+    if sample_rate == target_rate:
         return audio.astype(np.float32)
     frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, np.float32)[None, :],
                                        format="flt", layout="mono")
     frame.sample_rate = sample_rate
     frame.time_base = Fraction(1, sample_rate)
-    resampler = _resampler()
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=target_rate)
     parts = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
     parts += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)

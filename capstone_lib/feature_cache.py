@@ -202,7 +202,7 @@ def build_feature_cache(vision_model, image_processor, items: Sequence[tuple[int
             except DataError as err:
                 if skips is None:
                     raise
-                skips.skip(f"unreadable image ({err.message})", path=path, record=image_id)
+                skips.skip(f"unreadable image ({err.message.split(':')[0]})", path=path, record=image_id)
         if images:
             with torch.no_grad():
                 feats = vision_features(vision_model, preprocess(image_processor, images), layer, drop_cls)
@@ -280,12 +280,9 @@ def ensure_feature_cache(profile: Profile, split: str, vision=None) -> FeatureCa
     from .coco import load_coco_captions
     from .vision import load_vision_tower
 
-    if profile.data.source == "shapesworld":
-        from .shapesworld import ensure_shapesworld
+    from .real_data import dataset_paths
 
-        coco_root = ensure_shapesworld(profile).coco_root
-    else:
-        coco_root = profile.data.coco_root
+    coco_root = dataset_paths(profile).coco_root
     skips = SkipCounter() if profile.runtime.allow_skips else None
     # The whole split is cached (not ``data.subset``): stage 2 may use images stage 1 does not.
     records = load_coco_captions(coco_root, split, skips=skips)

@@ -195,6 +195,24 @@ def pretrain_command(profile: Profile, train: Path, val: Path | None, tokenizer_
     return cmd
 
 
+def format_command(cmd: Sequence[str]) -> str:
+    """A command as a copy-pasteable shell line, one ``--flag value`` per line."""
+    import shlex
+
+    cmd = list(cmd)
+    litgpt = cmd[1:3] == ["-m", "litgpt"]
+    head, rest = (["litgpt", *cmd[3:5]], cmd[5:]) if litgpt else (cmd[:1], cmd[1:])
+    parts, i = [], 0
+    while i < len(rest):
+        if i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            parts.append(f"{rest[i]} {shlex.quote(rest[i + 1])}")
+            i += 2
+        else:
+            parts.append(rest[i])
+            i += 1
+    return " \\\n    ".join([" ".join(head)] + parts)
+
+
 def prepare_corpus(profile: Profile, train: Path, val: Path | None, tokenizer_dir: Path):
     """Tokenize and check the corpus here, so bad data fails with a ``DataError`` in the notebook."""
     from litgpt import Tokenizer

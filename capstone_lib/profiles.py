@@ -60,6 +60,7 @@ _BASE: dict[str, dict[str, Any]] = {
                          num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
                          text_hidden_size=32, text_layers=2, text_max_len=40),
         clip_train_steps=5, clip_batch_size=16, clip_lr=2e-3,
+        clip_hard_negatives=True,    # also reject captions with one colour/shape/position changed
         # LLaVA's choice: hidden_states[-2] (second to last layer), patch tokens only (CLS dropped).
         feature_layer=-2, drop_cls=True, cache_batch_size=64, cache_dtype="float32",
     ),
@@ -122,6 +123,8 @@ _CPU = _merge(_BASE, {
 })
 
 _GPU_COMMON = {
+    # Real COCO/LLaVA files are known to hold a few unusable records: count and report them.
+    "runtime": dict(allow_skips=True),
     "data": dict(source="real", subset=20_000),
     "pretrain": dict(model_name="pythia-160m", model_config=None,
                      tokenizer="EleutherAI/pythia-160m", max_tokens=50_000_000,

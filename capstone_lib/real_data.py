@@ -29,9 +29,10 @@ import urllib.error
 import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .validation import DataError, SkipCounter, load_json, raise_or_skip
 
@@ -150,8 +151,7 @@ def download_file(url: str, dest: str | Path, *, md5: str | None = None, sha256:
             got = part.stat().st_size
             if total is not None and got < total:        # the connection closed early
                 raise http.client.IncompleteRead(b"", total - got)
-            if total is None or got >= total:
-                break
+            break
         except urllib.error.HTTPError as err:
             if err.code == 416 and offset:               # nothing past offset: complete, or too long
                 full = re.match(r"bytes \*/(\d+)", err.headers.get("Content-Range", "") if err.headers else "")
@@ -450,6 +450,28 @@ def ensure_real_data(profile: Any, sources: RealDataSources | None = None, base_
     """
     sources = sources or RealDataSources()
     base = Path(base_dir) if base_dir else real_data_base(profile)
+    with _locked(base / ".lock"):        # several processes (e.g. 8 ranks) fetch once, one at a time
+        return _ensure(profile, sources, base, progress)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` between processes (a no-op where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:                  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _ensure(profile: Any, sources: RealDataSources, base: Path, progress: bool) -> RealDataPaths:
     subset = _setting(profile, "subset", None)
     val_subset = _setting(profile, "val_subset", min(5000, max(500, subset // 10)) if subset else None)
     n_heldout = int(_setting(profile, "llava_val_images", 200))
@@ -594,6 +616,7 @@ def _write_view(paths: RealDataPaths, store: Path, plan: _Plan, settings: dict, 
     _dump(view.manifest, {"settings": settings, "counts": counts,
                           "heldout_image_ids": sorted(e["id"] for e in heldout_entries),
                           "skipped": skips.report() if skips is not None else "0 records skipped"})
+    print(f"real data: {paths.root.name}: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
     shutil.rmtree(paths.root, ignore_errors=True)
     try:
         os.replace(tmp, paths.root)

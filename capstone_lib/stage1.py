@@ -22,6 +22,7 @@ from .batching import collate_padded, shuffled_batches
 from .chat import (CAPTION_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, TemplateError, caption_conversation,
                    encode_conversation)
 from .profiles import Profile
+from .validation import SkipCounter
 from .projector import build_projector
 
 CAPTION_PROMPTS = (CAPTION_PROMPT, "What is in this picture?", "Give a short caption for the image.",
@@ -184,13 +185,16 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     """Train the projector from the profile; save it to ``runs/<p>/projector/``; return a summary."""
     from .coco import load_coco_captions
     from .feature_cache import ensure_feature_cache
-    from .shapesworld import ensure_shapesworld
+    from .real_data import dataset_paths
     from .trainer import TrainConfig, Trainer
 
     cfg1 = {**vars(profile.stage1), **overrides}
-    paths = ensure_shapesworld(profile)
-    train_records = load_coco_captions(paths.coco_root, "train")
-    val_records = load_coco_captions(paths.coco_root, "val")
+    paths = dataset_paths(profile)
+    skips = SkipCounter() if profile.runtime.allow_skips else None
+    train_records = load_coco_captions(paths.coco_root, "train", skips=skips)
+    val_records = load_coco_captions(paths.coco_root, "val", skips=skips)
+    if skips is not None and skips.count:
+        print(skips.report())
     if profile.data.subset:
         train_records = train_records[:profile.data.subset]
     vlm, tokenizer, n_tokens = build_model(profile)

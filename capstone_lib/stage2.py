@@ -17,6 +17,7 @@ from torch import nn
 from .batching import collate_padded, length_grouped_batches
 from .chat import IMAGE_TOKEN, encode_conversation
 from .profiles import Profile
+from .validation import SkipCounter
 from .stage1 import SeedBugs, apply_seed_bugs, ensure_projector, load_projector, save_projector
 
 
@@ -113,17 +114,20 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     from .feature_cache import ensure_feature_cache
     from .llava_data import load_llava_instruct
     from .qlora import lora_parameters
-    from .shapesworld import ensure_shapesworld
+    from .real_data import dataset_paths
     from .trainer import TrainConfig, Trainer
 
     s2 = {**vars(profile.stage2), **overrides}
-    paths = ensure_shapesworld(profile)
+    paths = dataset_paths(profile)
     train_cache = ensure_feature_cache(profile, "train")
     val_cache = ensure_feature_cache(profile, "val")
     n_tokens = train_cache.feature_shape[0]
     vlm, tokenizer, lm_path = build_stage2_model(profile, projector)
     vlm.allow_image_labels = bool(bugs and bugs.unmasked_labels)   # only the seed-bug lesson
-    records = load_llava_instruct(paths.llava_train, paths.train_images)
+    skips = SkipCounter() if profile.runtime.allow_skips else None
+    records = load_llava_instruct(paths.llava_train, paths.train_images, skips=skips)
+    if skips is not None and skips.count:
+        print(skips.report())
     if profile.data.subset:
         records = records[:profile.data.subset]
     data = ConversationDataset(records, tokenizer, n_tokens, s2["max_len"], bugs=bugs)

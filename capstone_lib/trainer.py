@@ -273,6 +273,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.step, self.epoch, self.batch_index = 0, 0, 0
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self._trained_in_memory = False
 
     # -------------------------------------------------------------------------- setup
     def _init_distributed(self) -> None:
@@ -530,6 +531,9 @@ class Trainer:
             self._restore(path)
             self._print(f"resumed from {path} (step {self.step}/{self.total_steps})")
         else:
+            if self._trained_in_memory:
+                raise RuntimeError(f"this Trainer already trained its model in memory and {self.out_dir} has no "
+                                   f"checkpoint to resume from: build a new model and Trainer to start over")
             _seed_all(self.cfg.seed + self.rank)
             self.step, self.epoch, self.batch_index, self.history = 0, 0, 0, []
             if self.world > 1:   # every rank starts from rank 0's trainable weights
@@ -544,6 +548,7 @@ class Trainer:
 
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        self._trained_in_memory = True
         bar = tqdm(total=end, initial=self.step, desc="train", unit="step", disable=self.rank != 0,
                    dynamic_ncols=True)
         try:

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -119,6 +120,23 @@ def load_pixel_values(image_processor, paths: Sequence[str | Path], batch_size: 
     return torch.cat(chunks)
 
 
+def patch_similarity_map(patch_feats: torch.Tensor, index: int) -> torch.Tensor:
+    """Cosine similarity of every patch token to patch ``index``, as a square ``(g, g)`` grid."""
+    feats = F.normalize(patch_feats.float(), dim=-1)
+    sims = feats @ feats[index]
+    side = math.isqrt(len(sims))
+    assert side * side == len(sims), f"{len(sims)} patch tokens do not form a square grid (CLS dropped?)"
+    return sims.reshape(side, side)
+
+
+def patch_index_at(x: float, y: float, image_size: int, patch_size: int) -> int:
+    """Row-major index of the patch token covering pixel ``(x, y)`` of the (resized) image."""
+    side = image_size // patch_size
+    col = min(side - 1, max(0, int(x // patch_size)))
+    row = min(side - 1, max(0, int(y // patch_size)))
+    return row * side + col
+
+
 def sample_photos() -> dict[str, Path]:
     """Real photos that ship inside installed packages (matplotlib, gradio): name -> path."""
     found = {}
@@ -199,6 +217,38 @@ def contrastive_loss(logits_per_image: torch.Tensor, same_text: torch.Tensor) ->
     return (loss_i.mean() + loss_t.mean()) / 2
 
 
+def caption_negatives(caption: str, rng: random.Random,
+                      kinds: Sequence[str] = ("color", "shape", "position")) -> list[str]:
+    """Hard negatives: copies of ``caption`` with one object's colour, shape or position changed.
+
+    The wording stays the same, so only the changed fact tells the copy from the real caption.
+    Returns one copy per kind that could be made (none for a caption without such mentions).
+    """
+    from .shapesworld import COLORS, POSITIONS, SHAPES
+
+    pattern = re.compile(rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b"
+                         rf"(?: (?:at|in|on) the ({'|'.join(sorted(POSITIONS, key=len, reverse=True))})\b)?",
+                         re.IGNORECASE)
+    mentions = list(pattern.finditer(caption))
+    if not mentions:
+        return []
+    used_positions = {m.group(3).lower() for m in mentions if m.group(3)}
+    out = []
+    for kind in kinds:
+        group = {"color": 1, "shape": 2, "position": 3}[kind]
+        options = [m for m in mentions if m.group(group)]
+        if not options:
+            continue
+        m = rng.choice(options)
+        old = m.group(group).lower()
+        pool = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}[kind]
+        taken = used_positions if kind == "position" else {old}
+        new = rng.choice([v for v in pool if v not in taken] or [old])
+        if new != old:
+            out.append(caption[:m.start(group)] + new + caption[m.end(group):])
+    return out
+
+
 def _encode_captions(tokenizer, captions: Sequence[Sequence[str]], max_len: int):
     """Token ids of every caption, the image each belongs to, and a text id per distinct caption."""
     flat = [(i, c) for i, caps in enumerate(captions) for c in caps]
@@ -207,7 +257,7 @@ def _encode_captions(tokenizer, captions: Sequence[Sequence[str]], max_len: int)
     text_ids = {}
     owner = torch.tensor([i for i, _ in flat])
     text_id = torch.tensor([text_ids.setdefault(" ".join(c.lower().split()), len(text_ids)) for _, c in flat])
-    return enc["input_ids"], enc["attention_mask"], owner, text_id
+    return enc["input_ids"], enc["attention_mask"], owner, text_id, [c for _, c in flat]
 
 
 @torch.no_grad()
@@ -291,17 +341,38 @@ def attribute_probe(model, tokenizer, pixel_values: torch.Tensor, scenes: Sequen
     return out
 
 
+def _loss_with_negatives(model, tokenizer, pixel_values, ids, mask, same, negatives: list[str]):
+    """Contrastive loss where the images also see ``negatives`` (captions that match no image)."""
+    img = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+    txt = F.normalize(model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
+    scale = model.logit_scale.exp()
+    logits_img = scale * img @ txt.t()
+    loss_t = contrastive_loss(logits_img, same)                  # both directions over real pairs
+    if not negatives:
+        return loss_t
+    enc = tokenizer(negatives, padding=True, truncation=True, return_tensors="pt")
+    neg = F.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
+    logits = torch.cat([logits_img, scale * img @ neg.t()], dim=1)
+    target = torch.cat([same.float(), torch.zeros(len(img), len(neg))], dim=1)
+    loss_i = -(target / target.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
+    return (loss_t + loss_i) / 2
+
+
 def fit_tiny_clip(model, tokenizer, pixel_values: torch.Tensor, captions: Sequence[Sequence[str]],
                   steps: int, batch_size: int, lr: float, seed: int = 0, warmup_ratio: float = 0.05,
-                  weight_decay: float = 0.05, log: Callable[[str], None] | None = None) -> list[float]:
+                  weight_decay: float = 0.05, hard_negatives: bool = False,
+                  log: Callable[[str], None] | None = None) -> list[float]:
     """Train ``model`` (a ``CLIPModel``) contrastively on image/caption pairs; returns per-step losses.
 
-    Each step draws ``batch_size`` distinct images and one of each image's captions.
+    Each step draws ``batch_size`` distinct images and one of each image's captions. With
+    ``hard_negatives`` every image also has to reject copies of its caption with one colour,
+    shape or position changed (``caption_negatives``): a plain contrastive loss only learns what
+    tells the images of a batch apart, which is mostly colour.
     """
     from tqdm.auto import tqdm
 
     max_len = model.config.text_config.max_position_embeddings
-    ids, mask, owner, text_id = _encode_captions(tokenizer, captions, max_len)
+    ids, mask, owner, text_id, texts = _encode_captions(tokenizer, captions, max_len)
     by_image = [[] for _ in captions]
     for row, i in enumerate(owner.tolist()):
         by_image[i].append(row)
@@ -320,10 +391,15 @@ def fit_tiny_clip(model, tokenizer, pixel_values: torch.Tensor, captions: Sequen
         images = torch.randperm(len(captions), generator=gen)[:batch_size]
         rows = torch.tensor([rng.choice(by_image[i]) for i in images.tolist()])
         length = int(mask[rows].sum(1).max())          # trim padding shared by the whole batch
-        out = model(input_ids=ids[rows, :length], attention_mask=mask[rows, :length],
-                    pixel_values=pixel_values[images])
         same = text_id[rows][:, None] == text_id[rows][None, :]
-        loss = contrastive_loss(out.logits_per_image, same)
+        if hard_negatives:
+            loss = _loss_with_negatives(model, tokenizer, pixel_values[images], ids[rows, :length],
+                                        mask[rows, :length], same,
+                                        [n for r in rows.tolist() for n in caption_negatives(texts[r], rng)])
+        else:
+            out = model(input_ids=ids[rows, :length], attention_mask=mask[rows, :length],
+                        pixel_values=pixel_values[images])
+            loss = contrastive_loss(out.logits_per_image, same)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -345,7 +421,7 @@ def tiny_clip_settings(profile: Profile, data_id: str) -> dict[str, Any]:
     v = profile.vision
     return {"tiny_config": v.tiny_config, "clip_train_steps": v.clip_train_steps,
             "clip_batch_size": v.clip_batch_size, "clip_lr": v.clip_lr,
-            "seed": profile.runtime.seed, "data": data_id}
+            "clip_hard_negatives": v.clip_hard_negatives, "seed": profile.runtime.seed, "data": data_id}
 
 
 def _data_id(paths) -> str:
@@ -397,7 +473,7 @@ def train_tiny_clip(profile: Profile, paths=None, force: bool = False) -> Path:
     before = caption_retrieval_accuracy(model, tokenizer, val_px, val_caps, group)
     losses = fit_tiny_clip(model, tokenizer, train_px, [r.captions for r in train],
                            steps=v.clip_train_steps, batch_size=v.clip_batch_size, lr=v.clip_lr,
-                           seed=profile.runtime.seed, log=print)
+                           seed=profile.runtime.seed, hard_negatives=v.clip_hard_negatives, log=print)
     after = caption_retrieval_accuracy(model, tokenizer, val_px, val_caps, group)
     metrics = {"seconds": round(time.perf_counter() - t0, 1), "steps": len(losses),
                "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),

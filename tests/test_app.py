@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 import socket
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-gr = pytest.importorskip("gradio")
+import gradio as gr  # noqa: E402,F401
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from capstone_lib.app import build_app, launch  # noqa: E402
 from capstone_lib.assistant import Assistant  # noqa: E402
+from capstone_lib.audio import save_audio  # noqa: E402
 from capstone_lib.transcribe import Transcriber  # noqa: E402
 from test_assistant import build_tiny_llava  # noqa: E402
 
 CLIPS = Path(__file__).resolve().parent.parent / "data" / "audio"
+NOW = datetime.now(timezone.utc)
 
 
 def free_port() -> int:
@@ -39,7 +42,7 @@ def server(tiny_tokenizer, tmp_path_factory):
     port = free_port()
     demo = launch(build_app(factory), host="127.0.0.1", port=port, max_upload_mb=0.5, block=False)
     try:
-        yield {"url": f"http://127.0.0.1:{port}/", "assistant": assistant, "calls": calls,
+        yield {"url": f"http://127.0.0.1:{port}/", "assistant": assistant, "calls": calls, "demo": demo,
                "client": Client(f"http://127.0.0.1:{port}/", verbose=False)}
     finally:
         demo.close()
@@ -56,7 +59,10 @@ def files(tmp_path, tiny_images):
     big = tmp_path / "huge.png"
     noise_pixels = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
     Image.fromarray(noise_pixels).save(big)                     # ~1 MB: noise does not compress
-    return {"image": image, "text": text, "bad_audio": noise, "big": big}
+    silent = save_audio(tmp_path / "silent.wav", np.zeros(32000, np.float32))
+    t = np.arange(16000 * 12) / 16000
+    long = save_audio(tmp_path / "long.wav", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32))
+    return {"image": image, "text": text, "bad_audio": noise, "big": big, "silent": silent, "long": long}
 
 
 def ask(client, image=None, text="", audio=None, messages=()):
@@ -73,8 +79,27 @@ def answer_of(result) -> str:
     return content
 
 
+def _lan_address() -> str | None:
+    """This machine's address on a non-loopback interface, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))                 # no packet is sent for UDP connect
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
 def test_listens_on_loopback_only(server):
-    assert server["url"].startswith("http://127.0.0.1:")
+    assert server["demo"].server_name == "127.0.0.1"
+    port = int(server["url"].rsplit(":", 1)[1].strip("/"))
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    lan = _lan_address()
+    if lan is None:
+        pytest.skip("no non-loopback interface to test from")
+    with pytest.raises(OSError):
+        socket.create_connection((lan, port), timeout=2).close()
 
 
 def test_streams_the_same_answer_as_the_library(server, files, tiny_images):
@@ -115,6 +140,8 @@ def test_spoken_question(server, files):
     ("empty_question", "empty question"),
     ("long_question", "limit is 500"),
     ("bad_audio", "noise.wav"),
+    ("silent_audio", "silent"),
+    ("long_audio", "limit is 10 s"),
 ])
 def test_bad_input_gives_a_message_and_the_app_keeps_serving(server, files, case, message):
     client = server["client"]
@@ -122,7 +149,9 @@ def test_bad_input_gives_a_message_and_the_app_keeps_serving(server, files, case
               "not_image": dict(image=files["text"], text="What?"),
               "empty_question": dict(image=files["image"], text="  "),
               "long_question": dict(image=files["image"], text="why " * 200),
-              "bad_audio": dict(image=files["image"], audio=files["bad_audio"])}[case]
+              "bad_audio": dict(image=files["image"], audio=files["bad_audio"]),
+              "silent_audio": dict(image=files["image"], audio=files["silent"]),
+              "long_audio": dict(image=files["image"], audio=files["long"])}[case]
     with pytest.raises(AppError, match=message):
         ask(client, **kwargs)
     assert answer_of(ask(client, files["image"], "Where is it?"))      # still serving
@@ -140,3 +169,33 @@ def test_upload_size_limit(server, files):
     assert refused.status_code == 413
     assert httpx.post(upload, files={"files": ("ok.png", files["image"].read_bytes())}).status_code == 200
     assert answer_of(ask(server["client"], files["image"], "Where is it?"))
+
+
+def test_notebook_widgets_drive_the_same_assistant(server, files, tiny_images):
+    from capstone_lib.app import NotebookDemo
+
+    assistant = server["assistant"]
+    ui = NotebookDemo(assistant, max_upload_mb=0.5, max_new_tokens=8)
+    ui.ask_button.click()
+    assert "no image" in ui.status.value
+    content = files["image"].read_bytes()                       # what the browser would upload
+    ui.image_upload.value = ({"name": "shapes.png", "type": "image/png", "size": len(content),
+                              "content": memoryview(content), "last_modified": NOW},)
+    assert ui.chat is not None and ui.preview.value
+    ui.question.value = "What colour is the circle?"
+    ui.ask_button.click()
+    expected = assistant.ask(tiny_images[0], "What colour is the circle?", max_new_tokens=8)
+    assert ui.chat.history[1]["value"] == (expected or "(no answer)")
+    assert "What colour is the circle?" in ui.answer.value and ui.question.value == ""
+    ui.set_audio(str(CLIPS / "how_many_shapes_are_there.wav"))
+    ui.ask_button.click()                                        # empty box: the audio is asked
+    assert "How many shapes are there?" in ui.status.value and len(ui.chat.history) == 4
+    ui.set_audio(files["silent"].read_bytes(), "silent.wav")
+    ui.ask_button.click()
+    assert "silent" in ui.status.value and len(ui.chat.history) == 4
+    big = files["big"].read_bytes()
+    ui.image_upload.value = ({"name": "huge.png", "type": "image/png", "size": len(big),
+                              "content": memoryview(big), "last_modified": NOW},)
+    assert "upload limit" in ui.status.value
+    assert not ui.set_image(files["text"].read_bytes(), "notes.png")
+    assert "notes.png" in ui.status.value

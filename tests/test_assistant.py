@@ -170,3 +170,26 @@ def test_bad_images(assistant, tmp_path):
         assistant.ask(Image.new("RGB", (1, 1)), "What?")
     with pytest.raises(AssistantError, match="no transcriber"):
         assistant.ask(Image.new("RGB", (32, 32)), audio=np.zeros(16000, np.float32))
+
+
+def test_spoken_question(llava_dir, tiny_images):
+    from pathlib import Path
+
+    from capstone_lib.audio import AudioError
+    from capstone_lib.transcribe import Transcriber
+
+    clip = Path(__file__).resolve().parent.parent / "data" / "audio" / "what_shape_is_the_red_object.wav"
+    spoken = Assistant.from_pretrained(llava_dir, transcriber=Transcriber(max_seconds=5))
+    by_voice = spoken.ask(tiny_images[0], audio=clip, max_new_tokens=8)
+    assert spoken.last_transcript.text == "What shape is the red object?"
+    assert by_voice == spoken.ask(tiny_images[0], "What shape is the red object?", max_new_tokens=8)
+    assert spoken.ask(tiny_images[0], "Where is it?", audio=clip, max_new_tokens=8) == \
+        spoken.ask(tiny_images[0], "Where is it?", max_new_tokens=8)         # typed text wins
+    chat = spoken.chat(tiny_images[0])
+    chat.ask(audio=clip, max_new_tokens=4)
+    assert chat.last_transcript.text == "What shape is the red object?"
+    assert chat.history[0]["value"] == f"{IMAGE_TOKEN}\nWhat shape is the red object?"
+    with pytest.raises(AudioError, match="silent"):
+        spoken.ask(tiny_images[0], audio=np.zeros(16000, np.float32))
+    with pytest.raises(AudioError, match="limit is 5 s"):
+        spoken.ask(tiny_images[0], audio=np.full(16000 * 6, 0.1, np.float32))

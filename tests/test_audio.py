@@ -64,6 +64,8 @@ def test_array_paths():
 
 def test_resample_and_mono_helpers():
     assert len(resample(tone(440, 0.5, 44_100), 44_100)) == 8000
+    up = resample(tone(440, 0.5), 16_000, 48_000)
+    assert len(up) == 24_000 and abs(dominant_hz(up, 48_000) - 440) < 5
     assert to_mono(np.ones((10, 2))).shape == (10,)
     assert is_silent(np.zeros(100, np.float32)) and not is_silent(tone())
 

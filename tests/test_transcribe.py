@@ -3,29 +3,18 @@ from __future__ import annotations
 
 import json
 import time
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 
 from capstone_lib import get_profile
 from capstone_lib.evaluate import normalize_answer
-from capstone_lib.audio import AudioError, decode_audio, save_audio
+from capstone_lib.audio import AudioError, decode_audio, resample, save_audio
 from capstone_lib.transcribe import BUNDLED, Transcriber, Transcript, bundled_model_path
 
 CLIPS = Path(__file__).resolve().parent.parent / "data" / "audio"
 SPOKEN = json.loads((CLIPS / "clips.json").read_text())
-
-
-def upsample_48k(x: np.ndarray) -> np.ndarray:
-    """16 kHz -> 48 kHz with swresample (band-limited: a microphone recording's spectrum)."""
-    frame = av.AudioFrame.from_ndarray(x[None, :], format="flt", layout="mono")
-    frame.sample_rate, frame.time_base = 16_000, Fraction(1, 16_000)
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=48_000)
-    frames = list(resampler.resample(frame)) + list(resampler.resample(None))
-    return np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +49,7 @@ def test_loaded_once_and_shared(transcriber):
 
 def test_stereo_48k_mp3_and_arrays(transcriber, tmp_path):
     speech = decode_audio(CLIPS / "what_color_is_the_circle.wav")
-    up = upsample_48k(speech)
+    up = resample(speech, 16_000, 48_000)                          # band-limited, like a microphone
     stereo = np.stack([up, 0.8 * up], axis=1)                      # 48 kHz stereo
     assert transcriber.transcribe(stereo, sample_rate=48_000).text == "What color is the circle?"
     mp3 = save_audio(tmp_path / "q.mp3", stereo, 48_000)

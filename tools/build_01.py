@@ -1,0 +1,280 @@
+"""Builds notebooks/01_pretrain_litgpt.ipynb (pretrain a Pythia model from scratch with LitGPT)."""
+from nb import code, md, write_notebook
+
+cells = [
+    md("""
+A language model starts as random numbers. **Pretraining** turns it into something that
+continues text plausibly, by one simple exercise repeated millions of times: read a block of
+tokens, predict each next token, nudge the weights to make the right one more likely.
+
+Here you pretrain a GPT with the **Pythia** architecture (EleutherAI's GPT-NeoX family) from
+random weights, with **LitGPT** doing the training:
+
+| profile | model | corpus | tokenizer |
+|---|---|---|---|
+| `smoke` | 2 layers, 58k parameters | a few hundred ShapesWorld documents | BPE trained here |
+| `cpu` | 4 layers, ~1.1M parameters | 20k ShapesWorld documents (~1.1M tokens) | BPE trained here (~600 tokens) |
+| `t4`/`a100` | `pythia-160m` | a RedPajama sample, downloaded here | the real Pythia tokenizer |
+
+The earlier write-ups pasted a 2023 lit-gpt RedPajama script that LitGPT has since removed.
+This notebook uses the current LitGPT (0.5.13) through its supported interface, the `litgpt
+pretrain` command. The library prepares its inputs (corpus, tokenizer, model config, settings)
+and reads its outputs (CSV log, checkpoints); it never re-implements the training loop.
+
+**Where the model goes next.** On `cpu`/`smoke` the model you train here is the language model
+that notebooks 03-05 teach to see. On GPU profiles those notebooks use Microsoft's **Phi-2**
+instead (2.7B parameters, pretrained on 1.4T tokens, far beyond a course budget); pretraining
+`pythia-160m` here shows the process and what more compute would buy.
+"""),
+    code("""
+import json
+import math
+import matplotlib.pyplot as plt
+import torch
+
+from capstone_lib.pretrain import (EARLIER_WRITEUP, corpus_paths, ensure_language_model,
+                                   ensure_tokenizer, export_language_model, format_command, hf_generate, lit_config,
+                                   lit_generate, lit_model, load_language_model, loss_curves,
+                                   pretrain_command, pretrain_paths, read_metrics, run_pretraining,
+                                   scaling_estimate, throughput)
+from capstone_lib.report import StageTimer
+from capstone_lib.tokenizer import load_tokenizer
+
+paths = pretrain_paths(profile)
+on_shapes = profile.data.source == "shapesworld"
+print("pretraining files go to", paths.root)
+"""),
+    md("""
+## 1. The corpus: RedPajama-format jsonl
+RedPajama (the open reproduction of LLaMA's training data) ships one JSON object per line:
+`{"text": ..., "meta": {...}}`. Our ShapesWorld corpus uses the same format, so the same code
+reads both. It mixes captions of random scenes, short facts, and text-only chats written in the
+course's chat template (`Instruct: ... Output: ...<|endoftext|>`), so the model learns the
+vocabulary *and* the turn format that notebooks 03-05 rely on.
+"""),
+    code("""
+train_path, val_path = corpus_paths(profile)
+print("train:", train_path, "\\nval:  ", val_path or "held out from the training files")
+first = train_path if train_path.is_file() else sorted(train_path.glob("*.jsonl"))[0]
+with open(first, encoding="utf-8") as f:
+    for _, line in zip(range(3), f):
+        doc = json.loads(line)
+        print(f"- [{doc['meta'].get('source', '?')}] {doc['text'][:230]!r}")
+"""),
+    md("""
+A bad line is an error that names the file and line (`file.jsonl:17: not JSON ...`), an empty
+corpus or one shorter than a single training block is refused the same way, before LitGPT starts.
+
+## 2. The tokenizer
+On GPU profiles we use Pythia's own tokenizer (50k tokens). On `cpu`/`smoke` nothing may be
+downloaded, and a 50k-row output layer would dominate a tiny model's compute, so we train a
+byte-level BPE (GPT-2's algorithm) on the corpus with Hugging Face `tokenizers`. It has two
+special tokens: `<|endoftext|>` ends every document (and pads), `<image>` is the placeholder
+that stage 1 replaces with image features. No BOS token is added.
+"""),
+    code("""
+tok_dir = ensure_tokenizer(profile)
+tokenizer = load_tokenizer(tok_dir)
+sample = "Instruct: <image>\\nWhat colour is the circle?\\nOutput: red<|endoftext|>"
+ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+print(f"{len(tokenizer)} tokens in the vocabulary; {len(sample)} characters -> {len(ids)} tokens")
+print(tokenizer.convert_ids_to_tokens(ids))
+assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == tokenizer.eos_token
+assert tokenizer.convert_tokens_to_ids("<image>") in ids
+"""),
+    md("""
+## 3. The model: a Pythia-style GPT
+Pythia blocks are GPT-NeoX blocks: LayerNorm, multi-head attention with rotary position
+embeddings on a quarter of each head, a GELU MLP, and attention and MLP computed **in parallel**
+from the same input (`parallel_residual`). On GPU profiles the named LitGPT config `pythia-160m`
+is used; on `cpu`/`smoke` a tiny custom config of the same architecture.
+"""),
+    code("""
+config = lit_config(profile)
+fields = ["name", "n_layer", "n_head", "n_embd", "intermediate_size", "block_size",
+          "padded_vocab_size", "rotary_percentage", "parallel_residual"]
+for k in fields:
+    print(f"{k:>18}: {getattr(config, k)}")
+untrained = lit_model(profile, seed=0)
+n_params = sum(p.numel() for p in untrained.parameters())
+print(f"{n_params:,} parameters")
+"""),
+    md("""
+Before training, the model's next-token distribution is close to uniform, so sampling from it
+gives a random walk through the vocabulary:
+"""),
+    code("""
+if on_shapes:
+    prompts = ["A red circle", "There are two shapes:",
+               "Instruct: What colour is the square?\\nOutput:", "Instruct: How many shapes are there?\\nOutput:"]
+else:
+    prompts = ["The capital of France is", "def fibonacci(n):", "In 1905, Albert Einstein"]
+before = lit_generate(untrained, tok_dir, prompts, max_new_tokens=24, temperature=1.0)
+for p, s in zip(prompts, before):
+    print(f"{p!r} -> {s!r}")
+"""),
+    md("""
+## 4. The training run
+`run_pretraining` builds the `litgpt pretrain` command below and runs it as a subprocess
+(LitGPT's Python entry point re-reads `sys.argv`, which breaks inside Jupyter), streaming its
+progress here. The settings come from the profile's `pretrain` section:
+
+* **token budget** (`--train.max_tokens`): training stops after this many tokens;
+* **micro-batch / global batch**: LitGPT accumulates gradients over `global / micro` micro-batches
+  per optimizer step; `iter` counts micro-batches, `step` optimizer steps;
+* **learning rate**: linear warmup for `lr_warmup_steps`, then cosine decay to `min_lr` (AdamW);
+* **precision**: `32-true` on CPU, `bf16-mixed` on an A100;
+* **checkpoints** every `save_interval` steps into `step-XXXXXXXX/`, and `--resume auto`: if the
+  run is interrupted (stop the cell, a recycled Colab runtime), running the cell again continues
+  from the last checkpoint, with the optimizer state and the data loader's position;
+* **data**: `capstone_lib.lit_data.JsonlText`, a small LitGPT `DataModule` that tokenizes the jsonl
+  once (cached), and cuts the token stream into blocks of `block_size + 1` tokens.
+
+Multi-GPU (`a100x8`) is the same command with `--devices 8`: LitGPT's Fabric starts one process
+per GPU and shards the model with FSDP.
+"""),
+    code("""
+cmd = pretrain_command(profile, train_path, val_path, tok_dir)
+print(format_command(cmd))
+"""),
+    code("""
+with StageTimer(profile, "pretrain") as timer:
+    result = run_pretraining(profile)
+    rows = read_metrics(result.out_dir)
+    speed = throughput(rows, profile)
+    timer.metrics.update(initial_val_loss=result.initial_val_loss, final_val_loss=result.final_val_loss,
+                         params=n_params, tokens=int(max(r.get("tokens", 0) for r in rows)),
+                         **{k: round(v, 1) for k, v in speed.items()})
+print(f"validation loss {result.initial_val_loss:.3f} at step 0 -> {result.final_val_loss:.3f} at the end")
+"""),
+    md("""
+## 5. The loss curves
+LitGPT's CSV logger writes `logs/csv/version_N/metrics.csv` (one version per run, so a resumed
+run adds a file). The training loss is a running mean over each optimizer step; the validation
+loss is measured on held-out documents.
+"""),
+    code("""
+curves = loss_curves(rows)
+fig, ax = plt.subplots(figsize=(7, 3.5))
+ax.plot(*curves["train"], label="train", alpha=0.8)
+ax.plot(*curves["val"], "o-", label="validation")
+ax.axhline(result.initial_val_loss, ls=":", c="grey", label="validation at step 0")
+ax.set_xlabel("tokens seen"); ax.set_ylabel("cross-entropy (nats/token)"); ax.legend(); ax.grid(alpha=0.3)
+ax.set_title(f"{config.name}: pretraining from random weights")
+plt.show()
+
+drop = result.initial_val_loss - result.final_val_loss
+print(f"validation loss fell by {drop:.2f} nats/token (perplexity {math.exp(result.initial_val_loss):.0f} "
+      f"-> {math.exp(result.final_val_loss):.1f})")
+assert result.final_val_loss < result.initial_val_loss
+if profile.name == "cpu":
+    # From ~ln(vocab) = 6.9 down to the corpus' own uncertainty (which colour, shape, place comes next).
+    assert drop > 4.0 and result.final_val_loss < 2.0, (result.initial_val_loss, result.final_val_loss)
+"""),
+    md("""
+## 6. Samples after training
+The same prompts as before, now from the final checkpoint (greedy decoding, then sampling):
+"""),
+    code("""
+trained = lit_model(profile, result.final_checkpoint)
+greedy = lit_generate(trained, tok_dir, prompts, max_new_tokens=24)
+sampled = lit_generate(trained, tok_dir, prompts, max_new_tokens=24, temperature=0.8, top_k=50)
+for p, b, g, s in zip(prompts, before, greedy, sampled):
+    print(f"{p!r}\\n   before : {b!r}\\n   greedy : {g!r}\\n   sampled: {s!r}")
+"""),
+    md("""
+## 7. Speed, next to the earlier write-up
+The earlier write-up's LitGPT log shows about **650 ms per iteration** for `pythia-160m` at
+micro-batch 4 on a 24 GB GPU (its loss went from 10.98 to about 6.1 in 600 iterations). Tokens
+per second assume Pythia's 2048-token context. Our figures are medians over the run (the first
+iteration, which warms up, is excluded).
+"""),
+    code("""
+theirs = EARLIER_WRITEUP
+their_tps = theirs["micro_batch_size"] * theirs["block_size"] / (theirs["ms_per_iter"] / 1000)
+table = [("", "earlier write-up", "this run"),
+         ("model", theirs["model"], config.name),
+         ("device", "24 GB GPU", profile.runtime.device),
+         ("micro-batch x context", f"{theirs['micro_batch_size']} x {theirs['block_size']}",
+          f"{speed['micro_batch_size']} x {speed['block_size']}"),
+         ("ms per iteration", f"{theirs['ms_per_iter']:.0f}", f"{speed['ms_per_iter']:.1f}"),
+         ("ms per optimizer step", "-", f"{speed['ms_per_step']:.1f}"),
+         ("tokens / second", f"{their_tps:,.0f}", f"{speed['tokens_per_sec']:,.0f}")]
+for row in table:
+    print(f"{row[0]:>24} | {row[1]:>18} | {row[2]:>18}")
+"""),
+    md("""
+## 8. What more compute would buy
+Training cost is about `6 x parameters x tokens` FLOPs. The Chinchilla study found that for a
+fixed budget the loss is lowest with roughly **20 tokens per parameter**; Pythia itself was
+trained far past that (300B tokens for every size). The table says how far this run got, and
+how long a compute-optimal run would take at the speed just measured.
+"""),
+    code("""
+tokens_seen = int(max(r.get("tokens", 0) for r in rows))
+est = scaling_estimate(n_params, tokens_seen, speed["tokens_per_sec"])
+print(f"this run: {tokens_seen:,} tokens = {est['fraction_of_optimal']:.1%} of the compute-optimal "
+      f"{est['chinchilla_tokens']:,.0f}; {est['train_flops']:.2e} FLOPs")
+print(f"a compute-optimal run at this speed: {est['hours_to_optimal_here']:.2f} hours")
+big = scaling_estimate(162_322_944, 0, their_tps)
+print(f"pythia-160m: {big['chinchilla_tokens'] / 1e9:.1f}B tokens, {big['optimal_flops']:.1e} FLOPs, "
+      f"~{big['hours_to_optimal_here']:.0f} GPU-hours at the earlier write-up's speed "
+      f"(Pythia's own 300B tokens: ~{300e9 / their_tps / 3600 / 24:.0f} GPU-days)")
+"""),
+    md("""
+On ShapesWorld the corpus is small and repetitive, so a second epoch buys little; on real text
+the curve is still falling steeply when a course budget ends, and every 10x of compute keeps
+buying a predictable drop in loss (the scaling laws).
+
+## 9. Hand-off: a Hugging Face `transformers` model
+LitGPT's own converter (`convert_lit_checkpoint`) renames the weights to GPT-NeoX's layout; the
+library adds the matching `GPTNeoXConfig` and the tokenizer and saves everything (safetensors)
+to `runs/<profile>/pretrain/hf/`. Any `transformers` code can now load it offline with
+`AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`. We check that both
+frameworks compute the same logits.
+"""),
+    code("""
+hf_dir = export_language_model(profile)
+print(sorted(p.name for p in hf_dir.iterdir()))
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True).eval()
+hf_tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+x = torch.tensor([hf_tok(prompts[0] + " and", add_special_tokens=False)["input_ids"]])
+with torch.no_grad():
+    diff = (hf_model(x).logits - trained(x)).abs().max().item()
+print(f"{type(hf_model).__name__}: max |logit difference| vs LitGPT = {diff:.2e}")
+assert diff < 1e-4
+hf_greedy = hf_generate(hf_model, hf_tok, prompts, max_new_tokens=24)
+for p, s in zip(prompts, hf_greedy):
+    print(f"{p!r} -> {s!r}")
+assert hf_greedy == greedy          # same weights, same greedy continuation
+"""),
+    code("""
+if on_shapes:
+    words = {"red", "green", "blue", "yellow", "purple", "white", "circle", "square", "triangle",
+             "circles", "squares", "triangles", "left", "right", "top", "bottom", "center"}
+    hits = [len(words & set(s.replace(".", " ").replace(",", " ").split())) for s in hf_greedy]
+    print("ShapesWorld words per sample:", hits)
+    assert sum(h > 0 for h in hits) >= len(prompts) - 1, hf_greedy
+
+source = ensure_language_model(profile)
+print("notebooks 03-05 will use:", source)
+if on_shapes:
+    model, tok = load_language_model(profile)
+    print(type(model).__name__, f"{sum(p.numel() for p in model.parameters()):,} parameters;",
+          "<image> id:", tok.convert_tokens_to_ids("<image>"), "eos = pad:", tok.pad_token)
+"""),
+    md("""
+On `cpu`/`smoke` that directory is the language model of notebooks 03-05. On GPU profiles
+they use `microsoft/phi-2` instead, as printed above.
+
+**Try it:** double `max_tokens` with `get_profile(..., pretrain={"max_tokens": ...})` and run
+the training cell again: `--resume auto` continues from the last checkpoint instead of starting
+over (LitGPT stretches the cosine schedule to the new budget), and the CSV log gains a second
+version.
+"""),
+]
+
+if __name__ == "__main__":
+    print(write_notebook("01_pretrain_litgpt", "Pretrain a Pythia model from scratch with LitGPT", cells))

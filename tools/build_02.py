@@ -1,0 +1,332 @@
+"""Builds notebooks/02_clip_embeddings.ipynb (the vision encoder: CLIP patch embeddings)."""
+from nb import code, md, write_notebook
+
+cells = [
+    md("""
+The language model from notebook 01 reads vectors, one per token. To let it see, we need an
+**image encoder** that turns a picture into a short sequence of vectors too. LLaVA uses the
+vision half of **CLIP**, a Vision Transformer (ViT) trained to match images with their
+captions. In this notebook you will:
+
+1. see how a ViT cuts an image into patches and why ViT-B/32 gives **50 x 768** numbers at 224 px;
+2. get an encoder: on GPU profiles the real `openai/clip-vit-base-patch32`; on `cpu`/`smoke`
+   (where no CLIP weights can be downloaded) a **tiny CLIP that you train yourself**, contrastively,
+   on ShapesWorld captions;
+3. take the features LLaVA takes (the **second-to-last layer, patch tokens only**) and look at them:
+   patch similarity maps, image-image similarity, zero-shot image-text matching;
+4. compute those features once for every image and keep them on disk, so stages 1 and 2 never
+   run CLIP inside their training loops (one of the bugs of the earlier student projects).
+"""),
+    code("""
+import json
+import tempfile
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from capstone_lib.coco import load_coco_captions
+from capstone_lib.feature_cache import build_feature_cache, ensure_feature_cache
+from capstone_lib.images import load_image
+from capstone_lib.report import StageTimer
+from capstone_lib.shapesworld import ensure_shapesworld, load_scenes, show_samples
+from capstone_lib.vision import (TINY_CLIP, attribute_probe, caption_retrieval_accuracy,
+                                 clip_metrics, embed_images, embed_texts, encoder_dir, load_clip,
+                                 load_pixel_values, load_vision_tower, patch_index_at,
+                                 patch_similarity_map, preprocess, sample_photos, vision_features)
+
+torch.manual_seed(0)
+paths = ensure_shapesworld(profile)
+train_records = load_coco_captions(paths.coco_root, "train")
+val_records = load_coco_captions(paths.coco_root, "val")
+scenes = load_scenes(paths)            # ground truth of the held-out images: colour, shape, place
+print(f"ShapesWorld: {len(train_records)} training images, {len(val_records)} held-out images")
+show_samples(paths, n=4);
+"""),
+    md("""
+## 1. A ViT reads an image as a sequence of patches
+A Vision Transformer cuts the (resized, centre-cropped) image into square patches, flattens each
+patch and maps it linearly to a vector (a strided convolution does exactly that), adds a learned
+**position embedding** per patch (so "top left" stays knowable), and puts one extra learned
+token in front: **CLS**. A transformer then mixes the tokens, layer after layer.
+
+For ViT-B/32 at 224 px: 224 / 32 = 7 patches per side, 7 x 7 = **49 patch tokens + 1 CLS = 50
+tokens**, each of width **768**. We check that arithmetic on a model with the exact ViT-B/32 shape
+and random weights (nothing is downloaded: only the shapes matter here).
+"""),
+    code("""
+vit_b32 = CLIPVisionConfig()          # transformers' default = the ViT-B/32 of openai/clip-vit-base-patch32
+print(f"image {vit_b32.image_size} px, patch {vit_b32.patch_size} px, width {vit_b32.hidden_size}, "
+      f"{vit_b32.num_hidden_layers} layers")
+with torch.no_grad():
+    out = CLIPVisionModel(vit_b32).eval()(torch.randn(1, 3, 224, 224), output_hidden_states=True)
+side = vit_b32.image_size // vit_b32.patch_size
+print("last_hidden_state:", tuple(out.last_hidden_state.shape), f"= 1 CLS + {side}x{side} patches")
+print("hidden_states:", len(out.hidden_states), "tensors = the embeddings + one per layer")
+assert out.last_hidden_state.shape == (1, 50, 768) and side * side == 49
+assert len(out.hidden_states) == vit_b32.num_hidden_layers + 1 == 13
+del out
+
+def show_patches(ax, image, patch_size, title):
+    ax.imshow(image)
+    for k in range(0, image.size[0] + 1, patch_size):
+        ax.axhline(k - 0.5, color="w", lw=0.6); ax.axvline(k - 0.5, color="w", lw=0.6)
+    ax.set_title(title, fontsize=9); ax.axis("off")
+
+photo = load_image(sample_photos()["grace hopper"]).resize((224, 224))
+tiny = profile.vision.tiny_config
+fig, axes = plt.subplots(1, 2, figsize=(8, 4))
+show_patches(axes[0], photo, 32, "ViT-B/32: 224 px, 7 x 7 patches of 32 px")
+show_patches(axes[1], load_image(val_records[0].path).resize((tiny["image_size"],) * 2), tiny["patch_size"],
+             f"tiny CLIP: {tiny['image_size']} px, patches of {tiny['patch_size']} px")
+plt.show()
+"""),
+    md("""
+## 2. An encoder that has learned something: CLIP
+CLIP trains an image tower and a text tower together. A batch of N images and their N captions
+gives an N x N table of similarities (cosine of the two embeddings, times a learned temperature).
+The loss is a cross-entropy that pushes each image towards its own caption (the diagonal) and
+away from the others, in both directions (image -> text and text -> image). After training on
+400M web pairs, the image tower's tokens know a lot about what is where.
+
+Those weights cannot be downloaded on the `cpu`/`smoke` profiles, so there we **train a tiny
+CLIP** the same way on ShapesWorld's training captions: a transformers `CLIPModel` built from a
+small `CLIPConfig` (settings in `profile.vision.tiny_config`), a word-level tokenizer trained on
+the captions, AdamW with warmup and cosine decay. Two details:
+
+- ShapesWorld repeats some captions word for word; two images with the same caption in one batch
+  are both right answers, so the loss gives them equal (soft) targets instead of punishing one.
+- Captions say where objects are ("at the top left"), so the encoder must keep position: the
+  ViT's position embeddings carry it into every patch token.
+
+The model is saved in `runs/<profile>/clip/` and reused while its settings are unchanged. We
+then measure **zero-shot** matching on the held-out images: for each image, is its own caption the
+most similar among 16 (chance 1/16)? And a harder probe: does CLIP prefer the true caption over
+copies where one object's colour, shape or position was changed?
+"""),
+    code("""
+with StageTimer(profile, "vision") as t:
+    source = encoder_dir(profile)                 # trains the tiny CLIP on cpu/smoke (or reuses it)
+    clip, clip_tokenizer, processor = load_clip(profile)
+    val_px = load_pixel_values(processor, [r.path for r in val_records])
+    group = min(16, len(val_records))
+    retrieval = caption_retrieval_accuracy(clip, clip_tokenizer, val_px,
+                                           [r.captions[0] for r in val_records], group=group)
+    probe = attribute_probe(clip, clip_tokenizer, val_px, [scenes[r.image_id] for r in val_records])
+    trained = clip_metrics(profile)
+    t.metrics.update({"encoder": str(profile.vision.encoder), "val_retrieval_acc": round(retrieval, 3),
+                      "val_retrieval_chance": round(1 / group, 3),
+                      **{f"probe_{k}_acc": round(v["accuracy"], 3) for k, v in probe.items()}})
+    if trained:
+        t.metrics.update({"clip_steps": trained["steps"], "clip_loss_first": round(trained["loss_first"], 3),
+                          "clip_loss_last": round(trained["loss_last"], 3),
+                          "clip_train_seconds": trained["seconds"]})
+print(json.dumps(t.metrics, indent=1))
+"""),
+    code("""
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+if trained:
+    losses = np.array(trained["losses"])
+    smooth = np.convolve(losses, np.ones(10) / 10, mode="valid") if len(losses) > 20 else losses
+    axes[0].plot(losses, alpha=0.3, label="per step"); axes[0].plot(smooth, label="smoothed")
+    axes[0].axhline(np.log(profile.vision.clip_batch_size), ls="--", c="grey", label="chance: ln(batch)")
+    axes[0].set(title="tiny CLIP contrastive loss", xlabel="step"); axes[0].legend()
+else:
+    axes[0].axis("off"); axes[0].text(0.1, 0.5, f"pretrained encoder: {source}")
+names = ["caption among\\n%d" % group] + [f"{k}\\nchanged" for k in probe]
+accs = [retrieval] + [v["accuracy"] for v in probe.values()]
+chance = [1 / group] + [v["chance"] for v in probe.values()]
+axes[1].bar(names, accs, label="zero-shot accuracy (held-out images)")
+axes[1].scatter(names, chance, color="k", marker="_", s=900, label="chance", zorder=3)
+axes[1].set(ylim=(0, 1), title="zero-shot image-text matching"); axes[1].legend(fontsize=8)
+plt.tight_layout(); plt.show()
+
+if trained:
+    assert trained["loss_last"] < trained["loss_first"], "contrastive training must lower the loss"
+if profile.name == "cpu":
+    # Trained on 3000 ShapesWorld images for about a minute, the tiny CLIP must match held-out
+    # images to their captions far above chance, and tell colours, shapes and places apart.
+    assert retrieval >= 0.5, retrieval                      # chance 1/16
+    for k, v in probe.items():
+        assert v["accuracy"] >= v["chance"] + 0.3, (k, v)
+"""),
+    md("""
+## 3. The features LLaVA takes: second-to-last layer, patch tokens only
+`load_vision_tower(profile)` gives just the image tower (`CLIPVisionModel`), frozen, and its
+standard `CLIPImageProcessor` (the same object is exported inside the Llava checkpoint later).
+With `output_hidden_states=True` it returns the embeddings plus one tensor per layer, each of
+shape (batch, 1 + patches, width).
+
+LLaVA takes `hidden_states[-2]` and drops token 0 (CLS):
+
+- **Why not the last layer?** CLIP's training only looks at the last layer's CLS token (pooled
+  and projected onto the text embedding). The last layer therefore specialises in producing that
+  one summary; the layer before it keeps richer, more local information in the patch tokens.
+  LLaVA found the penultimate layer works better.
+- **Why drop CLS?** It is a single global summary of the whole image; the language model wants
+  to *look at places*: "what colour is the thing at the top left?" needs the patch tokens, which
+  still carry their position. transformers' Llava calls this `vision_feature_select_strategy="default"`.
+"""),
+    code("""
+tower, processor = load_vision_tower(profile)
+assert not tower.training and not any(p.requires_grad for p in tower.parameters())
+images = [load_image(r.path) for r in val_records[:4]]
+pixel_values = preprocess(processor, images)
+with torch.no_grad():
+    hidden = tower(pixel_values, output_hidden_states=True).hidden_states
+    feats = vision_features(tower, pixel_values, layer=profile.vision.feature_layer,
+                            drop_cls=profile.vision.drop_cls)
+cfg = tower.config
+n_patches = (cfg.image_size // cfg.patch_size) ** 2
+print(f"pixel_values {tuple(pixel_values.shape)} -> {len(hidden)} hidden states of "
+      f"{tuple(hidden[-2].shape)} (batch, 1 CLS + {n_patches} patches, width)")
+print(f"LLaVA features: hidden_states[{profile.vision.feature_layer}][:, 1:] -> {tuple(feats.shape)}: "
+      f"{n_patches} <image> tokens per image for the language model")
+assert len(hidden) == cfg.num_hidden_layers + 1
+assert hidden[-2].shape == (4, 1 + n_patches, cfg.hidden_size)
+assert feats.shape == (4, n_patches, cfg.hidden_size) and torch.equal(feats, hidden[-2][:, 1:])
+"""),
+    md("""
+## 4. What a patch token knows: similarity maps
+Pick one patch (the white square marks it, on an object) and colour every other patch by the
+cosine similarity of its layer -2 feature to the picked one. Patches of the same object light up;
+patches of other objects of the same colour or shape are often warmer than the background.
+"""),
+    code("""
+size, patch = cfg.image_size, cfg.patch_size
+shown = val_records[:4]
+fig, axes = plt.subplots(2, len(shown), figsize=(3.2 * len(shown), 6.4))
+for col, rec in enumerate(shown):
+    obj = scenes[rec.image_id][0]
+    x0, y0, x1, y1 = obj["box"]
+    scale = size / load_image(rec.path).size[0]
+    index = patch_index_at((x0 + x1) / 2 * scale, (y0 + y1) / 2 * scale, size, patch)
+    with torch.no_grad():
+        f = vision_features(tower, preprocess(processor, [load_image(rec.path)]))[0]
+    sim = patch_similarity_map(f, index)
+    side = sim.shape[0]
+    r, c = divmod(index, side)
+    axes[0, col].imshow(load_image(rec.path).resize((size, size)))
+    axes[0, col].add_patch(plt.Rectangle((c * patch - .5, r * patch - .5), patch, patch, fill=False, ec="w", lw=2))
+    axes[0, col].set_title(f"{obj['color']} {obj['shape']}, {obj['position']}", fontsize=9)
+    im = axes[1, col].imshow(sim, cmap="magma", vmin=-1, vmax=1)
+    axes[1, col].add_patch(plt.Rectangle((c - .5, r - .5), 1, 1, fill=False, ec="cyan", lw=2))
+    axes[1, col].set_title("cosine similarity to the marked patch", fontsize=8)
+    for ax in axes[:, col]:
+        ax.axis("off")
+    assert abs(sim[r, c].item() - 1) < 1e-4               # a patch is identical to itself
+fig.colorbar(im, ax=axes[1].tolist(), shrink=0.8); plt.show()
+"""),
+    md("""
+## 5. Image-image similarity
+CLIP's pooled image embedding (the projected CLS token, which the contrastive loss trained)
+puts similar scenes close together. Below: cosine similarity between eight held-out images.
+"""),
+    code("""
+n = min(8, len(val_records))
+with torch.no_grad():
+    emb = embed_images(clip, val_px[:n])
+sim = (emb @ emb.t()).numpy()
+fig = plt.figure(figsize=(9, 8))
+grid = fig.add_gridspec(n + 1, n + 1)
+ax = fig.add_subplot(grid[1:, 1:])
+ax.imshow(sim, cmap="viridis", vmin=sim.min(), vmax=1)
+for i in range(n):
+    for j in range(n):
+        ax.text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+    for k, sub in enumerate((fig.add_subplot(grid[0, i + 1]), fig.add_subplot(grid[i + 1, 0]))):
+        sub.imshow(load_image(val_records[i].path)); sub.axis("off")
+ax.set_xticks([]); ax.set_yticks([]); ax.set_title("image-image cosine similarity", pad=4)
+plt.show()
+assert np.allclose(np.diag(sim), 1, atol=1e-4) and np.allclose(sim, sim.T, atol=1e-5)
+"""),
+    md("""
+## 6. Zero-shot image-text matching
+The text tower embeds captions into the same space. Here are eight held-out images against their
+eight captions: a good encoder puts the largest value of each row on the diagonal. (Nobody
+trained on these images; "zero-shot" means the matching is read straight off the embeddings.)
+"""),
+    code("""
+captions = [r.captions[0] for r in val_records[:n]]
+with torch.no_grad():
+    logits = (embed_images(clip, val_px[:n]) @ embed_texts(clip, clip_tokenizer, captions).t()).numpy()
+fig, ax = plt.subplots(figsize=(10, 6))
+ax.imshow(logits, cmap="viridis")
+ax.set_yticks(range(n)); ax.set_yticklabels([f"image {i}" for i in range(n)])
+ax.set_xticks(range(n)); ax.set_xticklabels([c[:38] for c in captions], rotation=40, ha="right", fontsize=7)
+for i, j in enumerate(logits.argmax(1)):
+    ax.add_patch(plt.Rectangle((j - .5, i - .5), 1, 1, fill=False, ec="r", lw=2))
+ax.set_title("image-caption cosine similarity (red: best caption per image)"); plt.tight_layout(); plt.show()
+print(f"diagonal picked for {(logits.argmax(1) == np.arange(n)).sum()} of {n} images; "
+      f"over all held-out images (groups of {group}): {retrieval:.0%} (chance {1 / group:.0%})")
+"""),
+    md("""
+On GPU profiles the encoder is the real CLIP, so it can also match **real photos** with plain
+English. (On `cpu`/`smoke` the tiny CLIP only knows ShapesWorld words, so this cell is skipped.)
+"""),
+    code("""
+if profile.vision.encoder != TINY_CLIP:
+    photos = sample_photos()
+    prompts = [f"a photo of a {name}" for name in photos]
+    with torch.no_grad():
+        px = preprocess(processor, [load_image(p) for p in photos.values()])
+        probs = (100 * embed_images(clip, px.to(clip.device)) @ embed_texts(clip, clip_tokenizer, prompts).t()).softmax(1).cpu()
+    fig, axes = plt.subplots(1, len(photos), figsize=(3 * len(photos), 3.5))
+    for ax, (name, path), p in zip(axes, photos.items(), probs):
+        ax.imshow(load_image(path)); ax.axis("off")
+        ax.set_title(f"best: {prompts[p.argmax()][13:]} ({p.max():.0%})", fontsize=9)
+    plt.show()
+    assert (probs.argmax(1) == torch.arange(len(photos))).float().mean() >= 0.8
+"""),
+    md("""
+## 7. Compute the features once, keep them on disk
+The encoder is frozen, so an image's features never change during training. We compute them
+once for every training and held-out image and store them as a memory-mapped numpy array
+(`runs/<profile>/features/<split>/features.npy`, one row per image, keyed by image id in
+`index.json`). Training then reads rows from disk instead of running CLIP on every step.
+
+`meta.json` records a **fingerprint** of the encoder (config + every weight + the image
+processor settings), the layer and whether CLS was dropped. Building again reuses the cache
+when they match; a different encoder or layer rebuilds it. Unreadable images stop the build with
+an error naming the file (or are counted and reported when the profile allows skips).
+"""),
+    code("""
+with StageTimer(profile, "features") as t:
+    train_cache = ensure_feature_cache(profile, "train", vision=(tower, processor))
+    val_cache = ensure_feature_cache(profile, "val", vision=(tower, processor))
+    t.metrics.update({"train_images": len(train_cache), "val_images": len(val_cache),
+                      "feature_shape": list(train_cache.feature_shape),
+                      "megabytes": round((train_cache.array.nbytes + val_cache.array.nbytes) / 2**20, 1)})
+print(train_cache); print(val_cache); print(t.metrics)
+
+t0 = time.perf_counter()
+again = ensure_feature_cache(profile, "val", vision=(tower, processor))      # nothing to compute
+print(f"second call: {time.perf_counter() - t0:.2f} s")
+assert again.fingerprint == val_cache.fingerprint and train_cache.layer == profile.vision.feature_layer
+assert isinstance(val_cache.array, np.memmap)                      # read from disk on demand
+ids = [r.image_id for r in val_records[:4]]
+np.testing.assert_allclose(val_cache.get_batch(ids).numpy(), feats.numpy(), atol=1e-4)
+print("cached rows == features computed directly:", tuple(val_cache.get_batch(ids).shape))
+"""),
+    md("""
+What invalidates a cache? Here, on four images in a scratch folder: the same encoder and layer
+reuse it, another layer rebuilds it.
+"""),
+    code("""
+scratch = tempfile.mkdtemp()
+items = [(r.image_id, r.path) for r in val_records[:4]]
+build_feature_cache(tower, processor, items, scratch, layer=-2)
+build_feature_cache(tower, processor, items, scratch, layer=-2)      # -> reused
+last = build_feature_cache(tower, processor, items, scratch, layer=-1)   # -> rebuilt: layer changed
+assert last.layer == -1
+"""),
+    md("""
+Next, notebook 03 trains the projector that maps these cached patch features into the language
+model's embedding space.
+"""),
+]
+
+if __name__ == "__main__":
+    print(write_notebook("02_clip_embeddings", "02 · The vision encoder: CLIP patch embeddings", cells))

