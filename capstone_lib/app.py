@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
         assistant = Assistant.from_pretrained(Path(args.checkpoint), transcriber, profile)
     else:
         assistant = Assistant.from_profile(profile)
+    if assistant.transcriber is not None:
+        assistant.transcriber.load()              # now, not on the first spoken question
     print(f"assistant loaded; open http://{host}:{port}/")
     launch(build_app(lambda: assistant, profile=profile), host=host, port=port, share=args.share,
            max_upload_mb=profile.demo.max_upload_mb)

@@ -98,7 +98,7 @@ class Chat:
         history, dropped = self.assistant.fit_history(self.history, question)
         self.dropped_turns += dropped
         pieces: list[str] = []
-        for piece in self.assistant._stream_features(self.features, question, history, **generation):
+        for piece in self.assistant.stream_features(self.features, question, history, **generation):
             pieces.append(piece)
             yield piece
         answer = "".join(pieces).strip()
@@ -252,9 +252,10 @@ class Assistant:
         return embeds.masked_scatter(is_image, features.to(embeds.dtype))
 
     # ------------------------------------------------------------------ answering
-    def _stream_features(self, features: torch.Tensor, question: str, history: Sequence[dict[str, str]],
-                         max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                         seed: int | None = None) -> Iterator[str]:
+    def stream_features(self, features: torch.Tensor, question: str, history: Sequence[dict[str, str]],
+                        max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                        seed: int | None = None) -> Iterator[str]:
+        """Stream the answer to a validated ``question`` about precomputed image ``features``."""
         ids = self.prompt_ids(history, question, features.shape[0])
         embeds = self.embed_prompt(ids, features)
         budget = min(max_new_tokens or self.max_new_tokens, self.context_length - len(ids))
@@ -289,7 +290,7 @@ class Assistant:
         question = self.question(text, audio, sample_rate)
         features = self.image_features(pil)
         history, _ = self.fit_history(history or [], question, features.shape[0])
-        yield from self._stream_features(features, question, history, **generation)
+        yield from self.stream_features(features, question, history, **generation)
 
     def ask(self, image: Any, text: str | None = None, audio: Any = None,
             history: Sequence[dict[str, str]] | None = None, **generation) -> str:

@@ -211,10 +211,10 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
                       grad_clip=cfg1["grad_clip"], precision=profile.runtime.precision,
                       eval_every=cfg1["eval_every"], save_every=cfg1["save_every"],
                       keep_last=profile.runtime.keep_checkpoints, seed=profile.runtime.seed,
-                      device=profile.runtime.device)
+                      device=profile.runtime.device, num_workers=profile.runtime.num_workers)
     pad = tokenizer.pad_token_id
     trainer = Trainer(
-        vlm, [{"params": [p for p in vlm.projector.parameters()], "lr": cfg1["lr"]}], data,
+        vlm, [{"name": "projector", "params": list(vlm.projector.parameters()), "lr": cfg1["lr"]}], data,
         lambda samples: collate_padded(samples, pad, train_cache.get_batch), cfg,
         _checkpoint_root(profile, out) / "checkpoints",
         eval_fn=make_caption_eval(vlm, tokenizer, val_records, val_cache, cfg1["n_eval_captions"],

@@ -142,11 +142,12 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
                       grad_accum=s2["grad_accum"], grad_clip=s2["grad_clip"],
                       precision=profile.runtime.precision, eval_every=s2["eval_every"],
                       save_every=s2["save_every"], keep_last=profile.runtime.keep_checkpoints,
-                      seed=profile.runtime.seed, device=profile.runtime.device)
+                      seed=profile.runtime.seed, device=profile.runtime.device,
+                      num_workers=profile.runtime.num_workers)
     pad = tokenizer.pad_token_id
     lengths = data.lengths
-    groups = [{"params": lora_parameters(vlm.lm), "lr": s2["lr"]},
-              {"params": list(vlm.projector.parameters()), "lr": s2["projector_lr"]}]
+    groups = [{"name": "lora", "params": lora_parameters(vlm.lm), "lr": s2["lr"]},
+              {"name": "projector", "params": list(vlm.projector.parameters()), "lr": s2["projector_lr"]}]
     drive = profile.runtime.drive_dir
     ckpt = (Path(drive) / profile.name / out.name if drive else out) / "checkpoints"
     trainer = Trainer(

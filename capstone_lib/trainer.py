@@ -100,7 +100,7 @@ def dist_env() -> tuple[int, int, int]:
 def resolve_device(device: str) -> torch.device:
     """The device this process trains on: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
     dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
+    if dev.type == "cuda" and (dev.index is None or dist_env()[1] > 1):
         dev = torch.device("cuda", dist_env()[2] if dist_env()[1] > 1 else torch.cuda.current_device())
     return dev
 
@@ -138,7 +138,7 @@ def _rng_state() -> dict[str, Any]:
     return {"python": random.getstate(),
             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:

@@ -227,15 +227,15 @@ def caption_negatives(caption: str, rng: random.Random,
     from .shapesworld import COLORS, POSITIONS, SHAPES
 
     pattern = re.compile(rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)})\b"
-                         rf"(?: (?:at|in|on) the ({'|'.join(sorted(POSITIONS, key=len, reverse=True))})\b)?",
+                         rf"(?: (at|in|on) the ({'|'.join(sorted(POSITIONS, key=len, reverse=True))})\b)?",
                          re.IGNORECASE)
     mentions = list(pattern.finditer(caption))
     if not mentions:
         return []
-    used_positions = {m.group(3).lower() for m in mentions if m.group(3)}
+    used_positions = {m.group(4).lower() for m in mentions if m.group(4)}
     out = []
     for kind in kinds:
-        group = {"color": 1, "shape": 2, "position": 3}[kind]
+        group = {"color": 1, "shape": 2, "position": 4}[kind]
         options = [m for m in mentions if m.group(group)]
         if not options:
             continue
@@ -244,8 +244,15 @@ def caption_negatives(caption: str, rng: random.Random,
         pool = {"color": list(COLORS), "shape": list(SHAPES), "position": list(POSITIONS)}[kind]
         taken = used_positions if kind == "position" else {old}
         new = rng.choice([v for v in pool if v not in taken] or [old])
-        if new != old:
-            out.append(caption[:m.start(group)] + new + caption[m.end(group):])
+        if new == old:
+            continue
+        start = m.start(group)
+        if kind == "position":     # keep the wording natural: "on the" only for left/right
+            prep = m.group(3).lower()
+            valid = {"left": ("on", "at"), "right": ("on", "at"), "top": ("at",), "bottom": ("at",)}
+            new = f"{prep if prep in valid.get(new, ('at', 'in')) else 'at'} the {new}"
+            start = m.start(3)
+        out.append(caption[:start] + new + caption[m.end(group):])
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -137,6 +136,10 @@ def run_segment(kind: str, out_dir: str, env: dict[str, str] | None = None, stop
         os.environ.pop(key, None)
     os.environ.update(env or {})
     torch.set_num_threads(1)
+    import threading
+
+    from tqdm.auto import tqdm
+    tqdm.set_lock(threading.RLock())   # no multiprocessing lock: a SIGKILLed child would leak it
     model, groups, state_filter = build(kind)
     data = make_data()
     trainer = Trainer(model, groups, data[:32], collate, config(kind, **over), out_dir,

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import gradio as gr  # noqa: E402,F401
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 

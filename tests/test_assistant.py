@@ -193,3 +193,26 @@ def test_spoken_question(llava_dir, tiny_images):
         spoken.ask(tiny_images[0], audio=np.zeros(16000, np.float32))
     with pytest.raises(AudioError, match="limit is 5 s"):
         spoken.ask(tiny_images[0], audio=np.full(16000 * 6, 0.1, np.float32))
+
+
+def test_in_library_vision_language_model(tiny_tokenizer, tiny_images):
+    """The same Assistant answers with the course's VisionLanguageModel (before export)."""
+    from capstone_lib.generate import generate
+    from capstone_lib.mm_model import VisionLanguageModel
+    from capstone_lib.projector import build_projector
+
+    tower, image_processor = make_tiny_vision()
+    torch.manual_seed(0)
+    vlm = VisionLanguageModel(make_tiny_lm(tiny_tokenizer), build_projector("mlp2x_gelu", 24, 32),
+                              tiny_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tower).eval()
+    bot = Assistant(vlm, tiny_tokenizer, image_processor)
+    question = "What colour is the circle?"
+    ids = encode_prompt(tiny_tokenizer, [], f"{IMAGE_TOKEN}\n{question}", 16)
+    pixels = image_processor(images=tiny_images[1], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        embeds = vlm.embed(torch.tensor([ids]), pixel_values=pixels)
+    tokens = generate(vlm, embeds, eos_token_id=tiny_tokenizer.eos_token_id, max_new_tokens=10)
+    expected = tiny_tokenizer.decode(tokens, skip_special_tokens=True,
+                                     clean_up_tokenization_spaces=False).strip()
+    assert bot.ask(tiny_images[1], question, max_new_tokens=10) == expected
+    assert bot.context_length == 256
