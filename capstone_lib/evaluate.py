@@ -45,8 +45,9 @@ def generate_answer(model, tokenizer, image_features: torch.Tensor, question: st
     from .generate import stream_generate
 
     ids = encode_prompt(tokenizer, history or [], question, image_features.shape[0])
-    input_ids = torch.tensor([ids])
-    embeds = model.embed(input_ids, image_features=image_features[None])
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)
+    embeds = model.embed(input_ids, image_features=image_features[None].to(device))
     tokens = list(stream_generate(model, embeds, attention_mask=torch.ones_like(input_ids),
                                   eos_token_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens))
     if tokens and tokens[-1] == tokenizer.eos_token_id:

@@ -9,8 +9,9 @@ A cache directory holds::
 
 Building again with the same encoder, layer and ids reuses the cache; a different encoder
 (any weight, config or preprocessing change) or layer rebuilds it, with a printed message.
-For several ranks (issue 10), each builds ``rank, world_size`` its shard and rank 0 calls
-``merge_feature_shards``.
+Under ``torchrun`` every rank builds a shard and rank 0 merges them in the one-process row
+order (``build_feature_cache_sharded``): the cache is the same, byte for byte, whatever the
+number of ranks, and every rank reads it.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def encoder_fingerprint(vision_model, image_processor=None) -> str:
     for name, tensor in sorted(vision_model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b"")
     if image_processor is not None:
         h.update(json.dumps(_canonical(image_processor.to_dict()), sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -272,23 +273,130 @@ def feature_cache_dir(profile: Profile, split: str) -> Path:
     return profile.run_dir / "features" / split
 
 
+def build_feature_cache_sharded(vision_model, image_processor, items: Sequence[tuple[int, str | Path]],
+                                cache_dir: str | Path, rank: int, world_size: int, layer: int = -2,
+                                drop_cls: bool = True, batch_size: int = 64, dtype: str = "float32",
+                                skips: SkipCounter | None = None) -> FeatureCache:
+    """``build_feature_cache`` by all ranks of a process group: same files as one process would write.
+
+    Collective (every rank calls it). Rank 0 decides whether the cache in ``cache_dir`` can be
+    reused; if not, the batches of ``batch_size`` images are dealt round-robin to the ranks
+    (each image is encoded in the same batch as a one-process build), each rank writes its
+    shard under ``shard_dir``, rank 0 puts the rows back in the order of ``items`` and removes
+    the shards, and every rank opens the merged cache. ``features.npy``, ``index.json`` and
+    ``meta.json`` equal a one-process build's byte for byte (on the same hardware), so either
+    reuses the other's cache. An error on one rank is raised on every rank (nobody hangs).
+    """
+    import torch.distributed as dist
+
+    items = [(int(i), p) for i, p in items]
+    ids = [i for i, _ in items]
+    if len(set(ids)) != len(ids):
+        raise DataError("duplicate image ids in the items to cache", path=cache_dir)
+    cache_dir = Path(cache_dir)
+    wanted = _wanted_meta(encoder_fingerprint(vision_model, image_processor), layer, drop_cls, dtype, ids)
+    why = [_why_stale(cache_dir, wanted) if rank == 0 else None]
+    dist.broadcast_object_list(why, src=0)
+    if why[0] is None:
+        cache = FeatureCache.open(cache_dir)
+        if rank == 0:
+            print(f"feature cache reused: {cache}")
+        return cache
+    if rank == 0 and why[0] != "no cache yet":
+        print(f"feature cache {cache_dir}: rebuilding on {world_size} ranks, {why[0]}")
+    chunks = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
+    mine = [item for chunk in chunks[rank::world_size] for item in chunk]
+
+    def collective(step: str, work) -> Any:
+        """Run ``work`` here, then raise on every rank if it failed on any."""
+        result, error = None, None
+        try:
+            result = work()
+        except Exception as err:   # noqa: BLE001 - re-raised below, after the others know
+            error = err
+        errors: list[Any] = [None] * world_size
+        dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+        if failed:
+            raise DataError(f"feature cache {step} failed on rank {failed[0][0]}: {failed[0][1]}",
+                            path=cache_dir)
+        return result
+
+    if rank == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        (cache_dir / "meta.json").unlink(missing_ok=True)      # invalid until merged
+    collective("shard build", lambda: mine and build_feature_cache(
+        vision_model, image_processor, mine, shard_dir(cache_dir, rank, world_size), layer=layer,
+        drop_cls=drop_cls, batch_size=batch_size, dtype=dtype, skips=skips))
+    encoder = getattr(vision_model.config, "_name_or_path", "")
+    collective("merge", lambda: rank == 0 and merge_shards_in_order(
+        cache_dir, items, min(world_size, len(chunks)), world_size, dict(wanted), encoder))
+    return FeatureCache.open(cache_dir)
+
+
+def merge_shards_in_order(cache_dir: str | Path, items: Sequence[tuple[int, str | Path]], n_shards: int,
+                          world_size: int, wanted: dict[str, Any], encoder: str = "") -> FeatureCache:
+    """Merge the shards of ranks ``0..n_shards-1`` into ``cache_dir`` in the row order of ``items``.
+
+    Row ``k`` holds ``items[k]`` (zeros for a skipped image), exactly as ``build_feature_cache``
+    lays out a one-process cache; the shards are removed afterwards.
+    """
+    cache_dir = Path(cache_dir)
+    position = {int(i): k for k, (i, _) in enumerate(items)}
+    shards = [FeatureCache.open(shard_dir(cache_dir, r, world_size)) for r in range(n_shards)]
+    keys = ("format", "fingerprint", "layer", "drop_cls", "dtype")
+    for s in shards:
+        if any(s.meta[k] != wanted[k] for k in keys):
+            raise DataError("a shard was built with another encoder or settings", path=s.cache_dir)
+    (cache_dir / "meta.json").unlink(missing_ok=True)
+    tmp_path = cache_dir / "features.tmp.npy"
+    shape = [len(items)] + list(shards[0].feature_shape)
+    out = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=wanted["dtype"], shape=tuple(shape))
+    kept: set[int] = set()
+    for s in shards:
+        src = np.asarray([s._row[i] for i in s.ids], dtype=np.int64)
+        dst = np.asarray([position[i] for i in s.ids], dtype=np.int64)
+        for a in range(0, len(src), 1024):          # bounded memory on large caches
+            out[dst[a:a + 1024]] = s.array[src[a:a + 1024]]
+        kept.update(s.ids)
+    out.flush()
+    del out
+    os.replace(tmp_path, cache_dir / "features.npy")
+    order = [int(i) for i, _ in items if int(i) in kept]
+    _atomic_write_json(cache_dir / "index.json", {"ids": order, "rows": [position[i] for i in order],
+                                                  "skipped": sum(int(s.skipped or 0) for s in shards)})
+    _atomic_write_json(cache_dir / "meta.json", dict(wanted, shape=shape, n_images=len(order), encoder=encoder))
+    del shards
+    shutil.rmtree(cache_dir / "shards", ignore_errors=True)
+    return FeatureCache.open(cache_dir)
+
+
 def ensure_feature_cache(profile: Profile, split: str, vision=None) -> FeatureCache:
     """The feature cache of ShapesWorld (or COCO) ``split`` ("train"/"val") for ``profile``, built if needed.
 
-    ``vision`` may pass an already loaded ``(vision_model, image_processor)``.
+    ``vision`` may pass an already loaded ``(vision_model, image_processor)``. Under ``torchrun``
+    (``WORLD_SIZE`` > 1, or a process group already initialised) every rank must call it: the
+    ranks build shards and share one merged cache (``build_feature_cache_sharded``).
     """
     from .coco import load_coco_captions
+    from .real_data import dataset_paths
+    from .trainer import init_distributed, rank_zero_first
     from .vision import load_vision_tower
 
-    from .real_data import dataset_paths
-
+    rank, world = init_distributed(profile.runtime.device)
     coco_root = dataset_paths(profile).coco_root
     skips = SkipCounter() if profile.runtime.allow_skips else None
     # The whole split is cached (not ``data.subset``): stage 2 may use images stage 1 does not.
     records = load_coco_captions(coco_root, split, skips=skips)
-    model, processor = vision or load_vision_tower(profile)
+    with rank_zero_first():          # rank 0 alone trains the tiny CLIP if it is missing
+        model, processor = vision or load_vision_tower(profile)
     v = profile.vision
-    return build_feature_cache(model, processor, [(r.image_id, r.path) for r in records],
-                               feature_cache_dir(profile, split), layer=v.feature_layer,
-                               drop_cls=v.drop_cls, batch_size=v.cache_batch_size,
-                               dtype=getattr(v, "cache_dtype", "float32"), skips=skips)
+    items = [(r.image_id, r.path) for r in records]
+    kwargs = dict(layer=v.feature_layer, drop_cls=v.drop_cls, batch_size=v.cache_batch_size,
+                  dtype=getattr(v, "cache_dtype", "float32"), skips=skips)
+    if world > 1:
+        return build_feature_cache_sharded(model, processor, items, feature_cache_dir(profile, split),
+                                           rank, world, **kwargs)
+    return build_feature_cache(model, processor, items, feature_cache_dir(profile, split), **kwargs)

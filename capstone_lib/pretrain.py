@@ -110,6 +110,8 @@ def download_redpajama_sample(dest: str | Path, repo_id: str = "togethercomputer
     from huggingface_hub import hf_hub_download, list_repo_files
 
     dest = Path(dest)
+    if files and all((dest / f).is_file() for f in files):
+        return dest
     available = [f for f in list_repo_files(repo_id, repo_type="dataset") if f.endswith(".jsonl")]
     wanted = list(files) if files else available
     missing = [f for f in wanted if f not in available]
@@ -253,7 +255,8 @@ def _env() -> dict[str, str]:
 
 
 def _settings_key(cmd: list[str]) -> str:
-    return json.dumps([c for c in cmd if c not in ("auto", "false", "--resume")][1:])
+    i = cmd.index("--resume")
+    return json.dumps(cmd[1:i] + cmd[i + 2:])      # everything but the interpreter and --resume
 
 
 def _load_summary(paths: PretrainPaths) -> dict[str, Any]:
@@ -277,7 +280,7 @@ def run_pretraining(profile: Profile, max_tokens: int | None = None, resume: boo
     cmd = pretrain_command(profile, train, val, tok_dir, max_tokens, resume)
     summary = _load_summary(paths)
     final = paths.lit / "final" / "lit_model.pth"
-    if not force and final.is_file() and summary.get("settings") == _settings_key(cmd):
+    if resume and not force and final.is_file() and summary.get("settings") == _settings_key(cmd):
         if verbose != "none":
             print(f"pretraining already done with these settings: {final.parent}")
         return PretrainResult(paths.lit, final.parent, 0.0, None, summary.get("initial_val_loss"),
@@ -286,6 +289,7 @@ def run_pretraining(profile: Profile, max_tokens: int | None = None, resume: boo
     if not resume:
         shutil.rmtree(paths.lit, ignore_errors=True)
         summary = {}
+    drop_partial_checkpoints(paths.lit)
     max_iters = int(max_tokens or profile.pretrain.max_tokens) // (
         tokens_per_iter(profile) * profile.pretrain.devices * profile.pretrain.num_nodes)
     result = run_litgpt(cmd, paths, max_iters, verbose)
@@ -296,6 +300,21 @@ def run_pretraining(profile: Profile, max_tokens: int | None = None, resume: boo
                    last_run_seconds=round(result.seconds, 1))
     paths.summary.write_text(json.dumps(summary, indent=2))
     return result
+
+
+def drop_partial_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Delete ``step-*`` checkpoints cut off mid-save, so ``--resume auto`` picks a good one.
+
+    LitGPT writes ``lit_model.pth`` first and ``model_config.yaml`` last; a folder without the
+    latter was interrupted while saving.
+    """
+    dropped = []
+    for d in sorted(Path(out_dir).glob("step-*")):
+        if d.is_dir() and not (d / "model_config.yaml").is_file():
+            print(f"removing incomplete checkpoint {d} (interrupted while saving)")
+            shutil.rmtree(d)
+            dropped.append(d)
+    return dropped
 
 
 def run_litgpt(cmd: list[str], paths: PretrainPaths, max_iters: int | None = None,
@@ -375,19 +394,27 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, float]]:
     return [rows[k] for k in sorted(rows)]
 
 
-def loss_curves(rows: list[dict[str, float]]) -> dict[str, tuple[list[float], list[float]]]:
-    """``{"train": (tokens, losses), "val": (tokens, losses)}`` from ``read_metrics`` rows."""
+def loss_curves(rows: list[dict[str, float]], initial_val: float | None = None,
+                final_val: float | None = None) -> dict[str, tuple[list[float], list[float]]]:
+    """``{"train": (tokens, losses), "val": (tokens, losses)}`` from ``read_metrics`` rows.
+
+    ``initial_val``/``final_val`` (from ``PretrainResult``) add the step-0 validation, which
+    LitGPT only prints, and the final one, which its CSV logger may not flush before exiting.
+    """
     out: dict[str, tuple[list[float], list[float]]] = {"train": ([], []), "val": ([], [])}
-    per_iter = None
+    per_iter = max_tokens = 0.0
     for r in rows:
         if "loss" in r and "tokens" in r:
-            per_iter = r["tokens"] / (r["iter"])
+            per_iter = r["tokens"] / r["iter"]
+            max_tokens = max(max_tokens, r["tokens"])
             out["train"][0].append(r["tokens"])
             out["train"][1].append(r["loss"])
-    for r in rows:
-        if "val_loss" in r and per_iter:
-            out["val"][0].append((r["step"] + 1) * per_iter)
-            out["val"][1].append(r["val_loss"])
+    val = [((r["step"] + 1) * per_iter, r["val_loss"]) for r in rows if "val_loss" in r and per_iter]
+    if initial_val is not None:
+        val.insert(0, (0.0, initial_val))
+    if final_val is not None and (not val or val[-1][0] < max_tokens):
+        val.append((max_tokens, final_val))
+    out["val"] = ([x for x, _ in val], [y for _, y in val])
     return out
 
 
@@ -454,6 +481,7 @@ def lit_generate(model, tokenizer_dir: str | Path, prompts: Sequence[str], max_n
                      include_prompt=False)
         outs.append(tok.decode(y))
         model.clear_kv_cache()
+    model.max_seq_length = model.config.block_size
     return outs
 
 

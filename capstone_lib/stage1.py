@@ -132,8 +132,13 @@ def build_model(profile: Profile, lm=None, tokenizer=None, projector: nn.Module 
     from .mm_model import VisionLanguageModel
     from .pretrain import load_language_model
 
+    from .qlora import compute_dtype
+
     if lm is None:
-        lm, tokenizer = load_language_model(profile)
+        # Frozen weights may live in the compute dtype (bf16/fp16 on GPU); the projector stays fp32
+        # and autocast runs the matmuls in the profile's precision.
+        on_gpu = profile.runtime.device != "cpu"
+        lm, tokenizer = load_language_model(profile, dtype=compute_dtype(profile) if on_gpu else None)
     for p in lm.parameters():
         p.requires_grad_(False)
     cache = ensure_feature_cache(profile, "train")
@@ -143,6 +148,8 @@ def build_model(profile: Profile, lm=None, tokenizer=None, projector: nn.Module 
         projector = build_projector(profile.stage1.projector, vision_dim, lm.config.hidden_size)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     vlm = VisionLanguageModel(lm, projector, image_token_id)
+    lm.to(profile.runtime.device)
+    projector.to(profile.runtime.device)
     return vlm, tokenizer, n_tokens
 
 

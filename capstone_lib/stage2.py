@@ -77,7 +77,8 @@ def build_stage2_model(profile: Profile, projector: nn.Module | None = None):
         projector, _ = load_projector(ensure_projector(profile))
     for p in projector.parameters():
         p.requires_grad_(True)
-    lm = load_qlora_model(profile, lm_path)
+    lm = load_qlora_model(profile, lm_path)          # placed on the profile's device by device_map
+    projector.to(profile.runtime.device)
     vlm = VisionLanguageModel(lm, projector, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     return vlm, tokenizer, lm_path
 

@@ -105,6 +105,39 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int]:
+    """Join the torchrun/accelerate process group once (idempotent); returns ``(rank, world_size)``.
+
+    Alone (``WORLD_SIZE`` unset or 1, no group) it does nothing. Otherwise gloo on CPU, nccl on
+    CUDA; on CUDA this process is first pinned to ``cuda:LOCAL_RANK``, so that a plain ``"cuda"``
+    (``.to("cuda")``, ``device_map``) loads onto this rank's GPU. Call it before loading models.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    rank, world, _ = dist_env()
+    if world <= 1:
+        return rank, world
+    dev = resolve_device(str(device))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextlib.contextmanager
+def rank_zero_first():
+    """Run the block on rank 0 first (training a tiny model, a download), then on the other ranks."""
+    group = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if group else 0
+    if group and rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if group and rank == 0:
+            dist.barrier()
+
+
 def cleanup_distributed() -> None:
     """Destroy the process group if one was initialised (call at the end of a torchrun script)."""
     if dist.is_available() and dist.is_initialized():
@@ -277,12 +310,8 @@ class Trainer:
 
     # -------------------------------------------------------------------------- setup
     def _init_distributed(self) -> None:
-        if self.world <= 1:
-            return
-        if not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.world > 1:
+            init_distributed(self.device)
 
     def _print(self, msg: str) -> None:
         if self.rank == 0:

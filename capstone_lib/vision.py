@@ -120,9 +120,14 @@ def load_pixel_values(image_processor, paths: Sequence[str | Path], batch_size: 
     return torch.cat(chunks)
 
 
-def patch_similarity_map(patch_feats: torch.Tensor, index: int) -> torch.Tensor:
-    """Cosine similarity of every patch token to patch ``index``, as a square ``(g, g)`` grid."""
-    feats = F.normalize(patch_feats.float(), dim=-1)
+def patch_similarity_map(patch_feats: torch.Tensor, index: int, center: bool = True) -> torch.Tensor:
+    """Cosine similarity of every patch token to patch ``index``, as a square ``(g, g)`` grid.
+
+    ``center`` first subtracts the image's mean patch feature: every token shares a large common
+    component, which would otherwise make all similarities look close to 1.
+    """
+    feats = patch_feats.float()
+    feats = F.normalize(feats - feats.mean(0) if center else feats, dim=-1)
     sims = feats @ feats[index]
     side = math.isqrt(len(sims))
     assert side * side == len(sims), f"{len(sims)} patch tokens do not form a square grid (CLS dropped?)"
@@ -269,20 +274,21 @@ def _encode_captions(tokenizer, captions: Sequence[Sequence[str]], max_len: int)
 
 @torch.no_grad()
 def embed_images(model, pixel_values: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """L2-normalised CLIP image embeddings ``(N, P)`` (projected CLS)."""
-    out = [model.get_image_features(pixel_values=pixel_values[i:i + batch_size]).pooler_output
-           for i in range(0, len(pixel_values), batch_size)]
+    """L2-normalised CLIP image embeddings ``(N, P)`` (projected CLS), float32 on the CPU."""
+    param = next(model.parameters())
+    out = [model.get_image_features(pixel_values=pixel_values[i:i + batch_size].to(param.device, param.dtype))
+           .pooler_output.float().cpu() for i in range(0, len(pixel_values), batch_size)]
     return F.normalize(torch.cat(out), dim=-1)
 
 
 @torch.no_grad()
 def embed_texts(model, tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """L2-normalised CLIP text embeddings ``(N, P)`` (projected ``<eos>`` state)."""
+    """L2-normalised CLIP text embeddings ``(N, P)`` (projected ``<eos>`` state), float32 on the CPU."""
     enc = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
     device = next(model.parameters()).device
     out = model.get_text_features(input_ids=enc["input_ids"].to(device),
                                   attention_mask=enc["attention_mask"].to(device)).pooler_output
-    return F.normalize(out, dim=-1)
+    return F.normalize(out.float().cpu(), dim=-1)
 
 
 @torch.no_grad()

@@ -100,6 +100,20 @@ def test_stage1_flop_count_follows_the_documented_formula(tmp_path):
     assert not torch.equal(before, projector.linear_2.weight)
 
 
+def test_encoder_flops_match_the_linear_hooks():
+    """The analytic count of a CLIP tower's forward agrees with the hooks on a real forward."""
+    vision = bench.SHAPES["tiny"].vision
+    tower = bench.random_clip_vision(vision, torch.float32, torch.device("cpu"))
+    images, size, patch, d = 3, vision["image_size"], vision["patch_size"], vision["hidden_size"]
+    with bench.count_linear_flops(tower) as totals, torch.no_grad():
+        tower(torch.randn(images, 3, size, size), output_hidden_states=True)
+    assert totals["backward"] == 0                    # frozen tower, no grad: forward only
+    tokens = (size // patch) ** 2 + 1
+    conv = 2 * images * (tokens - 1) * 3 * patch * patch * d
+    attention = bench.attention_flops(vision["num_hidden_layers"], tokens, d, images, backward=False)
+    assert bench.encoder_flops(tower, images) == totals["forward"] + conv + attention
+
+
 def test_step_peak_bytes_sees_what_a_step_allocates():
     def step():
         block = torch.ones(16, 1024, 1024)          # 64 MiB, freed before the step ends

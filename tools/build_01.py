@@ -154,11 +154,11 @@ run adds a file). The training loss is a running mean over each optimizer step; 
 loss is measured on held-out documents.
 """),
     code("""
-curves = loss_curves(rows)
+curves = loss_curves(rows, result.initial_val_loss, result.final_val_loss)
 fig, ax = plt.subplots(figsize=(7, 3.5))
-ax.plot(*curves["train"], label="train", alpha=0.8)
+ax.plot(*curves["train"], label="train (running mean)", alpha=0.8)
 ax.plot(*curves["val"], "o-", label="validation")
-ax.axhline(result.initial_val_loss, ls=":", c="grey", label="validation at step 0")
+ax.axhline(math.log(config.padded_vocab_size), ls=":", c="grey", label="uniform guess: ln(vocab)")
 ax.set_xlabel("tokens seen"); ax.set_ylabel("cross-entropy (nats/token)"); ax.legend(); ax.grid(alpha=0.3)
 ax.set_title(f"{config.name}: pretraining from random weights")
 plt.show()
@@ -253,10 +253,12 @@ assert hf_greedy == greedy          # same weights, same greedy continuation
     code("""
 if on_shapes:
     words = {"red", "green", "blue", "yellow", "purple", "white", "circle", "square", "triangle",
-             "circles", "squares", "triangles", "left", "right", "top", "bottom", "center"}
+             "circles", "squares", "triangles", "left", "right", "top", "bottom", "center",
+             "one", "two", "three"}
     hits = [len(words & set(s.replace(".", " ").replace(",", " ").split())) for s in hf_greedy]
     print("ShapesWorld words per sample:", hits)
-    assert sum(h > 0 for h in hits) >= len(prompts) - 1, hf_greedy
+    need = len(prompts) if profile.name == "cpu" else 1         # smoke is barely trained
+    assert sum(h > 0 for h in hits) >= need, hf_greedy
 
 source = ensure_language_model(profile)
 print("notebooks 03-05 will use:", source)
