@@ -15,9 +15,10 @@ with ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` set (or under ``srun`` on S
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
-import math
 import os
 import re
 import shutil
@@ -292,12 +293,16 @@ def run_pretraining(profile: Profile, max_tokens: int | None = None, resume: boo
     drop_partial_checkpoints(paths.lit)
     max_iters = int(max_tokens or profile.pretrain.max_tokens) // (
         tokens_per_iter(profile) * profile.pretrain.devices * profile.pretrain.num_nodes)
-    result = run_litgpt(cmd, paths, max_iters, verbose)
-    if result.resumed_from is None and result.initial_val_loss is not None:
-        summary["initial_val_loss"] = result.initial_val_loss
+    result = PretrainResult(paths.lit, paths.lit / "final", 0.0, command=cmd)
+    try:
+        run_litgpt(cmd, paths, max_iters, verbose, result)
+    finally:       # keep the step-0 validation loss even if this run is interrupted
+        if result.resumed_from is None and result.initial_val_loss is not None:
+            summary["initial_val_loss"] = result.initial_val_loss
+        summary.update(final_val_loss=result.final_val_loss, last_run_seconds=round(result.seconds, 1))
+        paths.summary.write_text(json.dumps(summary, indent=2))
     result.initial_val_loss = summary.get("initial_val_loss", result.initial_val_loss)
-    summary.update(settings=_settings_key(cmd), final_val_loss=result.final_val_loss,
-                   last_run_seconds=round(result.seconds, 1))
+    summary["settings"] = _settings_key(cmd)          # only a finished run counts as done
     paths.summary.write_text(json.dumps(summary, indent=2))
     return result
 
@@ -318,13 +323,16 @@ def drop_partial_checkpoints(out_dir: str | Path) -> list[Path]:
 
 
 def run_litgpt(cmd: list[str], paths: PretrainPaths, max_iters: int | None = None,
-               verbose: str = "progress") -> PretrainResult:
-    """Run a LitGPT command, log it to ``paths.log``, show progress; ``PretrainError`` on failure."""
+               verbose: str = "progress", result: PretrainResult | None = None) -> PretrainResult:
+    """Run a LitGPT command, log it to ``paths.log``, show progress; ``PretrainError`` on failure.
+
+    What the output tells (resumed checkpoint, validation losses) is filled into ``result``.
+    """
     from tqdm.auto import tqdm
 
     paths.root.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=40)
-    res = PretrainResult(paths.lit, paths.lit / "final", 0.0, command=cmd)
+    res = result or PretrainResult(paths.lit, paths.lit / "final", 0.0, command=cmd)
     bar = tqdm(total=max_iters, desc="pretrain iters", disable=verbose == "none", mininterval=1.0)
     t0 = time.perf_counter()
     with open(paths.log, "a", encoding="utf-8") as log:
@@ -547,8 +555,6 @@ def convert_to_hf(checkpoint_dir: str | Path, tokenizer_dir: str | Path, out_dir
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    import contextlib
-    import io
     with contextlib.redirect_stdout(io.StringIO()):      # it pprints its arguments
         convert_lit_checkpoint(checkpoint_dir, tmp)
     state = torch.load(tmp / "model.pth", map_location="cpu", weights_only=True)

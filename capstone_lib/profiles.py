@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROFILE_NAMES = ("smoke", "cpu", "t4", "a100", "a100x8")
+PROFILE_NAMES = ("smoke", "cpu", "t4", "a100", "a100x8", "a100x16")
 
 # ---------------------------------------------------------------------------------
 # Section defaults shared by the small profiles. Every number here is a setting a
@@ -116,7 +116,8 @@ _CPU = _merge(_BASE, {
                                     num_attention_heads=4, projection_dim=64,
                                     text_hidden_size=64, text_layers=2, text_max_len=40),
                    clip_train_steps=600, clip_batch_size=64),
-    "stage1": dict(max_steps=None, micro_batch_size=32, grad_accum=1, eval_every=200,
+    # 64 image tokens + prompt + caption fit in the 128-token context of the notebook-01 LM.
+    "stage1": dict(max_steps=None, max_len=128, micro_batch_size=32, grad_accum=1, eval_every=200,
                    save_every=200, n_eval_captions=64),
     "stage2": dict(max_steps=None, lr=1e-3, projector_lr=2e-4, micro_batch_size=16,
                    grad_accum=1, lora_r=16, lora_alpha=32, eval_every=200, save_every=200),
@@ -158,10 +159,18 @@ _T4 = _merge(_BASE, _merge(_GPU_COMMON, {
     "stage2": dict(micro_batch_size=4, grad_accum=32, max_len=512),
     "audio": dict(whisper_model="base"),
 }))
-_A100X8 = _merge(_A100, {
-    "pretrain": dict(devices=8),
+# Several GPUs: the per-device batch x accumulation x ranks equals the one-GPU recipe's
+# effective batch (stage 1: 256, stage 2: 128, pretraining: 32 sequences). Launch commands:
+# docs/MULTI_GPU.md (torchrun for stages 1-2; pretraining once, LitGPT starts its processes).
+_A100X8 = _merge(_A100, {   # one node, 8 GPUs
+    "pretrain": dict(devices=8),                            # 8 devices x 4 = 32, no accumulation
     "stage1": dict(micro_batch_size=32, grad_accum=1),      # 8 ranks x 32 = 256
     "stage2": dict(micro_batch_size=8, grad_accum=2),       # 8 ranks x 8 x 2 = 128
+})
+_A100X16 = _merge(_A100, {  # two nodes x 8 GPUs
+    "pretrain": dict(devices=8, num_nodes=2, micro_batch_size=2),   # 16 devices x 2 = 32
+    "stage1": dict(micro_batch_size=16, grad_accum=1),      # 16 ranks x 16 = 256
+    "stage2": dict(micro_batch_size=8, grad_accum=1),       # 16 ranks x 8 = 128
 })
 
 _RAW: dict[str, dict[str, Any]] = {
@@ -170,6 +179,7 @@ _RAW: dict[str, dict[str, Any]] = {
     "t4": _T4,
     "a100": _A100,
     "a100x8": _A100X8,
+    "a100x16": _A100X16,
 }
 
 

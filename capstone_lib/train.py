@@ -212,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     profile = get_profile(args.profile, **parse_overrides(args.overrides))
     _allow_hub(profile)
-    from .trainer import cleanup_distributed, init_distributed
+    from .trainer import cleanup_distributed, dist_env, init_distributed
 
+    if "pretrain" in args.stages and dist_env()[1] > 1:     # before joining a group that would wait
+        run_pretrain(profile, args.resume, dist_env()[1])
     rank, world = init_distributed(profile.runtime.device)
     summary: dict[str, Any] = {"profile": profile.name, "world_size": world, "stages": {}}
     try:

@@ -216,8 +216,11 @@ def test_resume_continues_the_step_count(tmp_path, monkeypatch):
     assert first.resumed_from is None and first.initial_val_loss > first.final_val_loss
     lit = first.out_dir
     assert (lit / "step-00000006" / "lit_model.pth").is_file()
+    partial = lit / "step-00000007"                    # a save cut off by the interruption
+    partial.mkdir()
+    (partial / "lit_model.pth").write_bytes(b"PK\x03\x04 truncated")
     second = run_pretraining(profile, max_tokens=9 * per_iter, verbose="none")
-    assert second.resumed_from.endswith("step-00000006/lit_model.pth")
+    assert second.resumed_from.endswith("step-00000006/lit_model.pth") and not partial.exists()
     ckpt = torch.load(lit / "step-00000009" / "lit_model.pth", weights_only=True)
     assert (ckpt["iter_num"], ckpt["step_count"]) == (9, 9)
     assert ckpt["train_dataloader"]["served"] + ckpt["train_dataloader"]["epoch"] > 0
