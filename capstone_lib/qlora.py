@@ -20,7 +20,9 @@ def load_base_lm(profile: Profile, name_or_path: str | Path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(profile)
-    kwargs = {"dtype": dtype, "device_map": {"": profile.runtime.device}}
+    from .trainer import resolve_device
+
+    kwargs = {"dtype": dtype, "device_map": {"": resolve_device(profile.runtime.device)}}
     if profile.stage2.quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -235,7 +235,9 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
             "text_dim": vlm.lm.config.hidden_size, "n_image_tokens": n_tokens,
             "encoder_fingerprint": train_cache.fingerprint, "steps": result.step,
             "samples": len(data), "truncated": data.truncated}
-    save_projector(vlm.projector, meta, out)
+    if trainer.rank == 0:                       # one writer when several ranks train
+        save_projector(vlm.projector, meta, out)
+    trainer._barrier()
     return {"model": vlm, "tokenizer": tokenizer, "history": result.history, "meta": meta,
             "out_dir": out}
 

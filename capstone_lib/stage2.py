@@ -159,9 +159,11 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
         state_filter=lambda name: "lora_" in name or name.startswith("projector."),
     )
     result = trainer.fit(resume=resume)
-    vlm.lm.save_pretrained(out / "adapter")
-    _, meta = load_projector(ensure_projector(profile))
-    save_projector(vlm.projector, {**meta, "stage": 2, "steps": result.step}, out / "projector")
+    if trainer.rank == 0:                       # one writer when several ranks train
+        vlm.lm.save_pretrained(out / "adapter")
+        _, meta = load_projector(ensure_projector(profile))
+        save_projector(vlm.projector, {**meta, "stage": 2, "steps": result.step}, out / "projector")
+    trainer._barrier()
     return {"model": vlm, "tokenizer": tokenizer, "history": result.history, "out_dir": out,
             "lm_path": lm_path, "samples": len(data), "truncated": data.truncated}
 

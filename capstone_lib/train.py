@@ -210,7 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the requested stages; under torchrun only rank 0 prints the summary."""
     args = build_parser().parse_args(argv)
-    profile = get_profile(args.profile, **parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    base = get_profile(args.profile).raw
+    for section, keys in overrides.items():
+        if section not in base:
+            raise SystemExit(f"--set {section}.*: the profile has no section {section!r} "
+                             f"(sections: {', '.join(base)})")
+        for key in keys:
+            if key not in base[section]:
+                print(f"warning: --set {section}.{key}: not a key of the profile's {section!r} section "
+                      f"(a typo?); passed on anyway", file=sys.stderr)
+    profile = get_profile(args.profile, **overrides)
     _allow_hub(profile)
     from .trainer import cleanup_distributed, dist_env, init_distributed
 

@@ -236,8 +236,9 @@ def _sources(server: FileServer) -> RealDataSources:
                            llava_url=f"{server.url}/llava/llava_instruct_150k.json")
 
 
-def _profile(tmp_path: Path, **data):
-    return get_profile("t4", data=dict(download_dir=str(tmp_path / "real"), **data))
+def _profile(tmp_path: Path, allow_skips: bool = False, **data):
+    return get_profile("t4", runtime={"allow_skips": allow_skips},
+                       data=dict(download_dir=str(tmp_path / "real"), **data))
 
 
 def _check_view(paths: RealDataPaths, n_train: int, n_val: int, n_heldout: int):

@@ -157,10 +157,26 @@ def test_pretrain_refuses_torchrun(monkeypatch):
 
 
 def test_cli_settings_parse():
-    from capstone_lib.train import parse_overrides, parse_resume
+    from capstone_lib.train import main, parse_overrides, parse_resume
 
     assert parse_overrides(["stage1.max_steps=10", "vision.cache_dtype=float16", "stage2.lora_targets=[\"q\"]"]) \
         == {"stage1": {"max_steps": 10}, "vision": {"cache_dtype": "float16"}, "stage2": {"lora_targets": ["q"]}}
     assert (parse_resume("auto"), parse_resume("True"), parse_resume("false")) == ("auto", True, False)
     with pytest.raises(SystemExit, match="SECTION.KEY=VALUE"):
         parse_overrides(["max_steps=10"])
+    with pytest.raises(SystemExit, match="no section 'stag1'"):
+        main(["stage1", "--profile", "smoke", "--set", "stag1.max_steps=3"])
+
+
+def test_gpu_profiles_switch_the_hub_back_on(monkeypatch):
+    import capstone_lib
+    from capstone_lib import get_profile
+    from capstone_lib.train import _allow_hub
+
+    monkeypatch.setattr(capstone_lib, "_ONLINE", False)      # as imported without a GPU CAPSTONE_PROFILE
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("CAPSTONE_ONLINE", raising=False)
+    _allow_hub(get_profile("smoke"))
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    _allow_hub(get_profile("a100x16"))
+    assert "HF_HUB_OFFLINE" not in os.environ
