@@ -56,11 +56,14 @@ _BASE: dict[str, dict[str, Any]] = {
         # "tiny-clip": a small CLIP trained contrastively on ShapesWorld in notebook 02;
         # otherwise a hub id such as openai/clip-vit-base-patch32.
         encoder="tiny-clip",
-        tiny_config=dict(image_size=64, patch_size=16, hidden_size=32, intermediate_size=64,
+        # 72 px / patch 24 = a 3 x 3 grid of patch tokens, aligned with ShapesWorld's 3 x 3 layout
+        # (its 64 px images are resized to 72): each token sees one whole object (notebook 02).
+        tiny_config=dict(image_size=72, patch_size=24, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=2, projection_dim=32,
                          text_hidden_size=32, text_layers=2, text_max_len=40),
         clip_train_steps=5, clip_batch_size=16, clip_lr=2e-3,
-        clip_hard_negatives=True,    # also reject captions with one colour/shape/position changed
+        # Each image must also reject copies of its caption with one shape / position changed.
+        clip_hard_negatives=("shape", "position"),
         # LLaVA's choice: hidden_states[-2] (second to last layer), patch tokens only (CLS dropped).
         feature_layer=-2, drop_cls=True, cache_batch_size=64, cache_dtype="float32",
     ),
@@ -111,11 +114,11 @@ _CPU = _merge(_BASE, {
         lr=3e-3, min_lr=3e-4, warmup_steps=30, save_interval=100, eval_interval=50,
         log_interval=10, eval_iters=8,
     ),
-    "vision": dict(tiny_config=dict(image_size=64, patch_size=8, hidden_size=64,
+    "vision": dict(tiny_config=dict(image_size=72, patch_size=24, hidden_size=64,
                                     intermediate_size=256, num_hidden_layers=4,
                                     num_attention_heads=4, projection_dim=64,
                                     text_hidden_size=64, text_layers=2, text_max_len=40),
-                   clip_train_steps=600, clip_batch_size=64),
+                   clip_train_steps=800, clip_batch_size=64),
     # 64 image tokens + prompt + caption fit in the 128-token context of the notebook-01 LM.
     "stage1": dict(max_steps=None, max_len=128, micro_batch_size=32, grad_accum=1, eval_every=200,
                    save_every=200, n_eval_captions=64),

@@ -222,6 +222,55 @@ def contrastive_loss(logits_per_image: torch.Tensor, same_text: torch.Tensor) ->
     return (loss_i.mean() + loss_t.mean()) / 2
 
 
+def linear_probe_accuracy(x: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int = 300,
+                          seed: int = 0) -> float:
+    """Held-out accuracy of a logistic regression fitted on the first half of ``(x, y)``."""
+    torch.manual_seed(seed)
+    half = len(x) // 2
+    mean, std = x[:half].mean(0), x[:half].std(0) + 1e-6
+    x = (x - mean) / std
+    probe = torch.nn.Linear(x.shape[1], n_classes)
+    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.cross_entropy(probe(x[:half]), y[:half]) + 1e-3 * probe.weight.pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return (probe(x[half:]).argmax(1) == y[half:]).float().mean().item()
+
+
+@torch.no_grad()
+def patch_token_probe(patch_feats: torch.Tensor, scenes: Sequence[Sequence[dict]], source_size: int,
+                      image_size: int, patch_size: int) -> dict[str, float]:
+    """What one patch token tells a linear classifier: the colour and shape of the object under it.
+
+    ``patch_feats`` is ``(N_images, N_patches, D)`` (CLS dropped); ``scenes`` the objects of each
+    image with boxes in ``source_size`` pixels. Probes are fitted on half the objects, scored on
+    the other half. Also ``object``: whether a token lies on an object at all (what counting needs).
+    """
+    from .shapesworld import COLORS, SHAPES
+
+    scale = image_size / source_size
+    x, colour, shape, occupied_x, occupied_y = [], [], [], [], []
+    for feats, objects in zip(patch_feats.float(), scenes):
+        on_object = set()
+        for o in objects:
+            x0, y0, x1, y1 = o["box"]
+            index = patch_index_at((x0 + x1) / 2 * scale, (y0 + y1) / 2 * scale, image_size, patch_size)
+            on_object.add(index)
+            x.append(feats[index])
+            colour.append(list(COLORS).index(o["color"]))
+            shape.append(SHAPES.index(o["shape"]))
+        occupied_x.append(feats)
+        occupied_y.extend(int(i in on_object) for i in range(len(feats)))
+    x = torch.stack(x)
+    return {"color": linear_probe_accuracy(x, torch.tensor(colour), len(COLORS)),
+            "shape": linear_probe_accuracy(x, torch.tensor(shape), len(SHAPES)),
+            "object": linear_probe_accuracy(torch.cat(occupied_x), torch.tensor(occupied_y), 2)}
+
+
 def caption_negatives(caption: str, rng: random.Random,
                       kinds: Sequence[str] = ("color", "shape", "position")) -> list[str]:
     """Hard negatives: copies of ``caption`` with one object's colour, shape or position changed.
@@ -317,6 +366,7 @@ def caption_retrieval_accuracy(model, tokenizer, pixel_values: torch.Tensor, cap
 def describe_objects(objects: Sequence[dict]) -> str:
     """A plain ShapesWorld caption of ``objects`` (dicts with color, shape, position)."""
     def phrase(o: dict) -> str:
+        """One object as a phrase, e.g. 'a red circle at the top left'."""
         where = "on the" if o["position"] in ("left", "right") else "at the"
         return f"a {o['color']} {o['shape']} {where} {o['position']}"
     parts = [phrase(o) for o in objects]
@@ -373,14 +423,14 @@ def _loss_with_negatives(model, tokenizer, pixel_values, ids, mask, same, negati
 
 def fit_tiny_clip(model, tokenizer, pixel_values: torch.Tensor, captions: Sequence[Sequence[str]],
                   steps: int, batch_size: int, lr: float, seed: int = 0, warmup_ratio: float = 0.05,
-                  weight_decay: float = 0.05, hard_negatives: bool = False,
+                  weight_decay: float = 0.05, hard_negatives: Sequence[str] = (),
                   log: Callable[[str], None] | None = None) -> list[float]:
     """Train ``model`` (a ``CLIPModel``) contrastively on image/caption pairs; returns per-step losses.
 
     Each step draws ``batch_size`` distinct images and one of each image's captions. With
-    ``hard_negatives`` every image also has to reject copies of its caption with one colour,
-    shape or position changed (``caption_negatives``): a plain contrastive loss only learns what
-    tells the images of a batch apart, which is mostly colour.
+    ``hard_negatives`` (kinds among "color", "shape", "position") every image also has to reject
+    copies of its caption with one such fact changed (``caption_negatives``): a plain contrastive
+    loss only learns what tells the images of a batch apart, which is mostly colour.
     """
     from tqdm.auto import tqdm
 
@@ -408,7 +458,8 @@ def fit_tiny_clip(model, tokenizer, pixel_values: torch.Tensor, captions: Sequen
         if hard_negatives:
             loss = _loss_with_negatives(model, tokenizer, pixel_values[images], ids[rows, :length],
                                         mask[rows, :length], same,
-                                        [n for r in rows.tolist() for n in caption_negatives(texts[r], rng)])
+                                        [n for r in rows.tolist()
+                                         for n in caption_negatives(texts[r], rng, hard_negatives)])
         else:
             out = model(input_ids=ids[rows, :length], attention_mask=mask[rows, :length],
                         pixel_values=pixel_values[images])
@@ -434,7 +485,7 @@ def tiny_clip_settings(profile: Profile, data_id: str) -> dict[str, Any]:
     v = profile.vision
     return {"tiny_config": v.tiny_config, "clip_train_steps": v.clip_train_steps,
             "clip_batch_size": v.clip_batch_size, "clip_lr": v.clip_lr,
-            "clip_hard_negatives": v.clip_hard_negatives, "seed": profile.runtime.seed, "data": data_id}
+            "clip_hard_negatives": list(v.clip_hard_negatives), "seed": profile.runtime.seed, "data": data_id}
 
 
 def _data_id(paths) -> str:
@@ -503,13 +554,13 @@ def train_tiny_clip(profile: Profile, paths=None, force: bool = False) -> Path:
 def save_tiny_clip(model, processor, tokenizer, out: Path, settings: dict, metrics: dict) -> Path:
     """Write the CLIP dir atomically: a ``.tmp`` dir renamed into place, ``settings.json`` last."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "metrics.json").write_text(json.dumps(metrics))
-    old = out.with_name(out.name + ".old")
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         os.replace(out, old)

@@ -14,8 +14,8 @@ from conftest import TINY_N_PATCHES, make_tiny_vision
 from capstone_lib import get_profile
 from capstone_lib.images import load_image
 from capstone_lib.shapesworld import render_scene, sample_scene
-from capstone_lib.vision import (attribute_probe, caption_retrieval_accuracy, contrastive_loss,
-                                 describe_objects, fit_tiny_clip, load_clip, load_vision_tower,
+from capstone_lib.vision import (attribute_probe, caption_negatives, caption_retrieval_accuracy,
+                                 contrastive_loss, describe_objects, fit_tiny_clip, load_clip, load_vision_tower,
                                  preprocess, sample_photos, tiny_clip_config, tiny_image_processor,
                                  train_caption_tokenizer, train_tiny_clip, vision_features)
 
@@ -93,6 +93,26 @@ def test_contrastive_loss_matches_clip_and_forgives_duplicate_captions():
     assert contrastive_loss(logits, same) != contrastive_loss(logits, distinct)
 
 
+def test_caption_negatives_change_exactly_one_fact():
+    from capstone_lib.shapesworld import parse_caption
+
+    rng = random.Random(0)
+    caption = "There are two shapes: a yellow square at the top and a red circle on the left."
+    for _ in range(20):
+        negatives = caption_negatives(caption, rng)
+        assert len(negatives) == 3
+        truth = parse_caption(caption)
+        for kind, neg in zip(("color", "shape", "position"), negatives):
+            assert neg.startswith("There are two shapes: a ") and neg != caption
+            changed = parse_caption(neg) - truth
+            assert len(changed) == 1 and len(truth - parse_caption(neg)) == 1, neg
+            assert " on the center" not in neg and " on the top" not in neg     # natural wording
+            if kind == "position":
+                assert next(iter(changed))[2] not in {"top", "left"}          # a free place
+    assert caption_negatives("Describe the image.", rng) == []
+    assert len(caption_negatives(caption, rng, kinds=("shape",))) == 1
+
+
 def shapes_data(n: int, seed: int = 0):
     """``n`` one-object ShapesWorld scenes at 32 px with their plain captions."""
     rng = np.random.default_rng(seed)
@@ -118,6 +138,26 @@ def test_tiny_clip_training_reduces_contrastive_loss():
     assert len(losses) == 150 and not model.training
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-10:])
     assert after >= 0.4 > before, (before, after)      # chance is 1/16; measured 0.06 -> 0.81
+
+
+def test_hard_negatives_teach_position():
+    """Two- or three-object scenes where only a hard negative forces CLIP to learn where things are."""
+    from transformers import CLIPModel
+
+    rng = np.random.default_rng(1)
+    scenes = [[o.to_dict() for o in sample_scene(rng, 32, 3)] for _ in range(64)]
+    px = preprocess(tiny_image_processor(32), [render_scene(s, 32) for s in scenes])
+    captions = [[describe_objects(s)] for s in scenes]
+    tok = train_caption_tokenizer([c[0] for c in captions])
+    tiny = dict(image_size=32, patch_size=8, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, projection_dim=32, text_layers=1, text_max_len=40)
+    accuracy = {}
+    for kinds in ((), ("position",)):
+        torch.manual_seed(0)
+        model = CLIPModel(tiny_clip_config(tiny, tok))
+        fit_tiny_clip(model, tok, px, captions, steps=150, batch_size=32, lr=3e-3, hard_negatives=kinds)
+        accuracy[kinds] = attribute_probe(model, tok, px, scenes)["position"]["accuracy"]
+    assert accuracy[("position",)] >= 0.7 and accuracy[("position",)] > accuracy[()] + 0.1, accuracy
 
 
 @pytest.fixture(scope="module")
