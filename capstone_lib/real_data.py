@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .shapesworld import ShapesWorldPaths
 from .validation import DataError, SkipCounter, load_json, raise_or_skip
 
 VIEW_VERSION = 1      # bump whenever the view's files change for the same settings
@@ -247,78 +248,20 @@ def fetch_zip(remote: Remote, download_dir: Path, dest: Path, members: Callable[
 
 # ----------------------------------------------------------------------------- paths
 @dataclass(frozen=True)
-class RealDataPaths:
-    """A view of the real data with the attribute names of ``ShapesWorldPaths``."""
+class RealDataPaths(ShapesWorldPaths):
+    """A view of the real data with the same layout and attribute names as ``ShapesWorldPaths``.
 
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def coco_root(self) -> Path:
-        """COCO-2017-style root (``annotations/``, ``train2017/``, ``val2017/``) of this view."""
-        return self.root / "coco"
-
-    @property
-    def train_images(self) -> Path:
-        """Folder of training images (a link to the store's ``train2017``)."""
-        return self.coco_root / "train2017"
-
-    @property
-    def val_images(self) -> Path:
-        """Folder of validation images: the val2017 slice + the held-out LLaVA images."""
-        return self.coco_root / "val2017"
-
-    @property
-    def captions_train(self) -> Path:
-        """COCO captions JSON of the train split (the subset; held-out images excluded)."""
-        return self.coco_root / "annotations" / "captions_train2017.json"
-
-    @property
-    def captions_val(self) -> Path:
-        """COCO captions JSON of the val split (val2017 slice + held-out LLaVA images)."""
-        return self.coco_root / "annotations" / "captions_val2017.json"
+    ``train_images`` links to the store's ``train2017``; ``val_images`` holds the val2017 slice
+    plus the held-out LLaVA images. There is no scene ground truth, eval question file or text
+    corpus for real data (those attributes are ``None``).
+    """
 
     @property
     def instances_val(self) -> Path:
         """COCO instances JSON of the val2017 slice (object labels for POPE)."""
         return self.coco_root / "annotations" / "instances_val2017.json"
 
-    @property
-    def llava_train(self) -> Path:
-        """LLaVA-Instruct JSON over train images (image paths relative to ``train_images``)."""
-        return self.root / "llava" / "llava_instruct_train.json"
-
-    @property
-    def llava_val(self) -> Path:
-        """LLaVA-Instruct JSON over held-out images (image paths relative to ``val_images``)."""
-        return self.root / "llava" / "llava_instruct_val.json"
-
-    @property
-    def scenes_val(self) -> None:
-        """ShapesWorld only: real images have no scene ground truth."""
-        return None
-
-    @property
-    def eval_questions(self) -> None:
-        """ShapesWorld only: use ``capstone_lib.real_eval`` (captions, POPE) on real data."""
-        return None
-
-    @property
-    def corpus_train(self) -> None:
-        """ShapesWorld only: the real text corpus comes from ``pretrain.corpus_paths``."""
-        return None
-
-    @property
-    def corpus_val(self) -> None:
-        """ShapesWorld only (see ``corpus_train``)."""
-        return None
-
-    @property
-    def manifest(self) -> Path:
-        """Settings and counts, written last (its presence marks a complete view)."""
-        return self.root / "manifest.json"
+    scenes_val = eval_questions = corpus_train = corpus_val = property(lambda self: None)
 
     def heldout_image_ids(self) -> set[int]:
         """Ids of the train2017 images held out for LLaVA validation (in the view's val split)."""
