@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +41,8 @@ def test_loaded_once_and_shared(transcriber):
     other = Transcriber.from_profile(get_profile("smoke"))
     assert other.key == transcriber.key and other.loaded
     assert other.load() is transcriber.load()
-    t0 = time.perf_counter()
     other.transcribe(CLIPS / "how_many_shapes_are_there.wav")
-    assert time.perf_counter() - t0 < 10          # no reload (a load alone takes ~1 s)
+    assert other.load() is transcriber.load()     # still the same loaded model: no reload
 
 
 def test_stereo_48k_mp3_and_arrays(transcriber, tmp_path):
