@@ -129,8 +129,7 @@ A word of honesty about scale. With Phi-2 (2.7B parameters) a projector alone ma
 LM describe images: a big LM can read a projected vector as if it were several words. Our
 1M-parameter LM from notebook 01 cannot: one projected vector per grid cell is not a phrase it
 knows how to read, so after stage 1 its captions still mostly guess. What the projector learns
-here is the caption *distribution* and a first alignment (the loss falls, questions about the
-image improve a little); the image grounding comes in stage 2, where LoRA lets the LM itself
+here is the caption *distribution* and a first alignment (the loss falls), not yet the image; the image grounding comes in stage 2, where LoRA lets the LM itself
 learn to read the projected tokens. The numbers below show exactly how far stage 1 gets.
 """),
     code("""
@@ -153,9 +152,9 @@ first_loss = result["history"][0]["loss"]
 final_val = [h["val_loss"] for h in result["history"] if "val_loss" in h][-1]
 print(f"caption loss: {first_loss:.3f} at the first step -> {final_val:.3f} on held-out captions")
 if profile.name == "cpu":
-    # Measured on the cpu profile: caption loss 0.82 -> 0.73; held-out answers 0.30 vs ~0.2.
+    # Measured on the cpu profile: caption loss 0.82 -> 0.73, while held-out caption and question
+    # accuracy stay near their untrained level (0.0 and ~0.3): see the note above.
     assert final_val < first_loss - 0.05, (first_loss, final_val)
-    assert after["vqa_accuracy"] >= before["vqa_accuracy"], (before["vqa_accuracy"], after["vqa_accuracy"])
 """),
     md("""
 The projector is saved in `runs/<profile>/projector/` (safetensors + a json saying which encoder,
