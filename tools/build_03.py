@@ -129,7 +129,7 @@ A word of honesty about scale. With Phi-2 (2.7B parameters) a projector alone ma
 LM describe images: a big LM can read a projected vector as if it were several words. Our
 1M-parameter LM from notebook 01 cannot: one projected vector per grid cell is not a phrase it
 knows how to read, so after stage 1 its captions still mostly guess. What the projector learns
-here is the caption *distribution* and a first alignment (the loss falls), not yet the image; the image grounding comes in stage 2, where LoRA lets the LM itself
+here is the caption *distribution* (the loss falls) but hardly the image yet; the image grounding comes in stage 2, where LoRA lets the LM itself
 learn to read the projected tokens. The numbers below show exactly how far stage 1 gets.
 """),
     code("""
