@@ -205,7 +205,7 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     if profile.data.subset:
         train_records = train_records[:profile.data.subset]
     vlm, tokenizer, n_tokens = build_model(profile)
-    vlm.allow_image_labels = bool(bugs and bugs.unmasked_labels)   # only the seed-bug lesson
+    vlm.allow_image_labels = bool(bugs and bugs.any())   # only the seed-bug lesson
     train_cache = ensure_feature_cache(profile, "train")
     val_cache = ensure_feature_cache(profile, "val")
     data = CaptionDataset(train_records, tokenizer, n_tokens, cfg1["max_len"], bugs=bugs)

@@ -124,7 +124,7 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     val_cache = ensure_feature_cache(profile, "val")
     n_tokens = train_cache.feature_shape[0]
     vlm, tokenizer, lm_path = build_stage2_model(profile, projector)
-    vlm.allow_image_labels = bool(bugs and bugs.unmasked_labels)   # only the seed-bug lesson
+    vlm.allow_image_labels = bool(bugs and bugs.any())   # only the seed-bug lesson
     skips = SkipCounter() if profile.runtime.allow_skips else None
     records = load_llava_instruct(paths.llava_train, paths.train_images, skips=skips)
     if skips is not None and skips.count:
