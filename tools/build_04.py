@@ -116,10 +116,11 @@ plt.xticks([j + 0.27 for j in range(len(types))], types); plt.ylabel("accuracy")
 
 if profile.name == "cpu":
     assert final["n_questions"] >= 200
-    # Measured on the cpu profile (2 cores, ~4 min of stage 2): VQA 0.72, captions 0.42, against
-    # 0.30 after stage 1. The course's goal is 0.90 / 0.80; see README "Results" for the gap.
-    assert final["vqa_accuracy"] >= 0.60, final["vqa_accuracy"]
-    assert final["caption_accuracy"] >= 0.25, final["caption_accuracy"]
+    # Measured on the cpu profile (2 cores, ~4 min of stage 2), two runs: VQA 0.717-0.727,
+    # captions 0.32-0.62, against 0.27 / 0.00 after stage 1. The course's goal is 0.90 / 0.80;
+    # see README "Results" for the gap. These bars catch a recipe that stops learning.
+    assert final["vqa_accuracy"] >= 0.55, final["vqa_accuracy"]
+    assert final["caption_accuracy"] >= 0.15, final["caption_accuracy"]
     assert final["vqa_accuracy"] >= phases["after_stage1"]["vqa_accuracy"] + 0.25
 """),
     md("""

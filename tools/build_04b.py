@@ -48,7 +48,7 @@ if profile.name == "cpu":
     # Same slice, one defect: feeding no answer as input must cost accuracy; so must running
     # the trained projector without the trained adapter, against the model it came from.
     assert rows["no teacher forcing"]["vqa_accuracy"] <= good - 0.1, rows["no teacher forcing"]["vqa_accuracy"]
-    assert rows["adapter not loaded"]["vqa_accuracy"] <= final["vqa_accuracy"] - 0.2
+    assert rows["adapter not loaded"]["vqa_accuracy"] <= final["vqa_accuracy"] - 0.15
 """),
 ]
 

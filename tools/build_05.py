@@ -227,7 +227,7 @@ plt.title(", ".join(f"{o['color']} {o['shape']}" for o in scene["objects"]), fon
 display(Audio(str(CLIPS / name)))
 """),
     code("""
-CPU_MIN_ACCURACY = 0.5        # the cpu-profile assistant (measured 0.77-1.0 on 300 held-out questions)
+CPU_MIN_ACCURACY = 0.35       # measured 0.67 (colour), 0.96 (shape), 1.00 (count); chance <= 0.33
 with StageTimer(profile, "demo") as timer:
     heard = assistant.transcribe(CLIPS / name)
     print(f"heard: {heard.text!r} in {heard.seconds:.2f} s")
