@@ -269,6 +269,20 @@ def parse_caption(text: str) -> set[tuple[str, str, str | None]]:
     return {(m.group(1), m.group(2), m.group(3)) for m in _MENTION.finditer(t)}
 
 
+def spoken_truth(question: str, objects: Sequence[ShapeObject | dict]) -> str | None:
+    """The right answer to one of the shipped spoken questions (data/audio), or None if ambiguous."""
+    objs = [o if isinstance(o, dict) else o.to_dict() for o in objects]
+    if question == "What color is the circle?":
+        circles = [o for o in objs if o["shape"] == "circle"]
+        return circles[0]["color"] if len(circles) == 1 else None
+    if question == "What shape is the red object?":
+        red = [o for o in objs if o["color"] == "red"]
+        return red[0]["shape"] if len(red) == 1 else None
+    if question == "How many shapes are there?":
+        return NUMBER_WORDS[len(objs)]
+    raise KeyError(f"not a shipped spoken question: {question!r}")
+
+
 def score_caption(text: str, objects: Sequence[ShapeObject | dict]) -> dict[str, float]:
     """Precision/recall of colour+shape mentions against the scene, position accuracy, exact match."""
     truth = {(k[0], k[1]): k[2] for k in scene_key(objects)}

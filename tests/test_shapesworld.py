@@ -266,3 +266,17 @@ def test_cpu_profile_settings_generate_complete_data(tmp_path):
     assert manifest["counts"]["val_images"] == settings["n_val"]
     # Timing is reported, not asserted (speed goals live in benchmarks, not unit tests).
     print(f"cpu ShapesWorld generated in {cpu:.1f} CPU s, {wall:.1f} s wall")
+
+
+def test_spoken_truth_answers_the_shipped_questions_from_the_scene():
+    from capstone_lib.shapesworld import ShapeObject, spoken_truth
+
+    scene = [ShapeObject("red", "square", "top left"), ShapeObject("blue", "circle", "center")]
+    assert spoken_truth("What color is the circle?", scene) == "blue"
+    assert spoken_truth("What shape is the red object?", scene) == "square"
+    assert spoken_truth("How many shapes are there?", [o.to_dict() for o in scene]) == "two"
+    two_circles = scene + [ShapeObject("red", "circle", "bottom")]
+    assert spoken_truth("What color is the circle?", two_circles) is None      # ambiguous
+    assert spoken_truth("What shape is the red object?", two_circles) is None
+    with pytest.raises(KeyError, match="not a shipped spoken question"):
+        spoken_truth("What is this?", scene)

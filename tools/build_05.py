@@ -42,7 +42,7 @@ from capstone_lib.evaluate import answers_match, normalize_answer
 from capstone_lib.generate import stream_generate
 from capstone_lib.profiles import REPO_ROOT
 from capstone_lib.report import StageTimer
-from capstone_lib.shapesworld import NUMBER_WORDS, ensure_shapesworld, load_scenes
+from capstone_lib.shapesworld import ensure_shapesworld, load_scenes, spoken_truth
 from capstone_lib.transcribe import Transcriber
 
 CLIPS = REPO_ROOT / "data" / "audio"
@@ -207,20 +207,8 @@ The ground truth comes from the scene itself (the objects of each held-out image
 spoken question can be checked on every image where it has one right answer.
 """),
     code("""
-def truth(question, objects):
-    \"\"\"The right answer to a shipped spoken question about a scene, or None if it has none.\"\"\"
-    if question == "What color is the circle?":
-        circles = [o for o in objects if o["shape"] == "circle"]
-        return circles[0]["color"] if len(circles) == 1 else None
-    if question == "What shape is the red object?":
-        red = [o for o in objects if o["color"] == "red"]
-        return red[0]["shape"] if len(red) == 1 else None
-    if question == "How many shapes are there?":
-        return NUMBER_WORDS[len(objects)]
-    raise KeyError(question)
-
 name = "what_color_is_the_circle.wav"
-scene = next(s for s in scenes if truth(SPOKEN[name], s["objects"]))
+scene = next(s for s in scenes if spoken_truth(SPOKEN[name], s["objects"]))
 image_path = paths.root / scene["image"]
 plt.figure(figsize=(2.5, 2.5)); plt.imshow(plt.imread(image_path)); plt.axis("off")
 plt.title(", ".join(f"{o['color']} {o['shape']}" for o in scene["objects"]), fontsize=8); plt.show()
@@ -239,16 +227,16 @@ with StageTimer(profile, "demo") as timer:
         pieces.append(piece)
         print(piece, end="", flush=True)               # the answer grows as tokens arrive
     answer = "".join(pieces).strip()
-    print(f"\\n{len(pieces)} pieces in {time.perf_counter() - t0:.2f} s; right answer: {truth(heard.text, scene['objects'])!r}")
+    print(f"\\n{len(pieces)} pieces in {time.perf_counter() - t0:.2f} s; right answer: {spoken_truth(heard.text, scene['objects'])!r}")
 
     # Every shipped question, transcribed, on every held-out image where it has one answer.
     results = {}
     for clip_name, sentence in SPOKEN.items():
         question = assistant.transcribe(CLIPS / clip_name).text
-        eligible = [s for s in scenes if truth(sentence, s["objects"])][:24]
+        eligible = [s for s in scenes if spoken_truth(sentence, s["objects"])][:24]
         right = [answers_match(assistant.ask(paths.root / s["image"], question,
                                              max_new_tokens=profile.eval.max_new_tokens),
-                               truth(sentence, s["objects"])) for s in eligible]
+                               spoken_truth(sentence, s["objects"])) for s in eligible]
         results[sentence] = float(np.mean(right)) if right else float("nan")
         print(f"{sentence:32s} {sum(right)}/{len(right)} right")
     timer.metrics.update(transcript_ok=True, transcribe_seconds=round(heard.seconds, 3),
