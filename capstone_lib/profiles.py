@@ -64,6 +64,9 @@ _BASE: dict[str, dict[str, Any]] = {
         clip_train_steps=5, clip_batch_size=16, clip_lr=2e-3,
         # Each image must also reject copies of its caption with one shape / position changed.
         clip_hard_negatives=("shape", "position"),
+        # The tiny CLIP's position embeddings start at the patch embeddings' scale (CLIP: 0.02),
+        # so each patch token still says which cell it is (notebook 02 probes it); hub CLIPs ignore it.
+        position_init_std=1.0,
         # LLaVA's choice: hidden_states[-2] (second to last layer), patch tokens only (CLS dropped).
         feature_layer=-2, drop_cls=True, cache_batch_size=64, cache_dtype="float32",
     ),
@@ -118,7 +121,7 @@ _CPU = _merge(_BASE, {
                                     intermediate_size=256, num_hidden_layers=4,
                                     num_attention_heads=4, projection_dim=64,
                                     text_hidden_size=64, text_layers=2, text_max_len=40),
-                   clip_train_steps=800, clip_batch_size=64),
+                   clip_train_steps=1200, clip_batch_size=64),
     # 64 image tokens + prompt + caption fit in the 128-token context of the notebook-01 LM.
     "stage1": dict(max_steps=400, max_len=128, micro_batch_size=32, grad_accum=1, eval_every=200,
                    save_every=200, n_eval_captions=64),

@@ -248,7 +248,9 @@ def patch_token_probe(patch_feats: torch.Tensor, scenes: Sequence[Sequence[dict]
 
     ``patch_feats`` is ``(N_images, N_patches, D)`` (CLS dropped); ``scenes`` the objects of each
     image with boxes in ``source_size`` pixels. Probes are fitted on half the objects, scored on
-    the other half. Also ``object``: whether a token lies on an object at all (what counting needs).
+    the other half. Also ``object``: whether a token lies on an object at all (what counting needs),
+    and ``place``: which grid cell a token is, from its features alone (what "where?" needs: the
+    language model reads the tokens in order, but a small one cannot count its way to a place).
     """
     from .shapesworld import COLORS, SHAPES
 
@@ -268,7 +270,10 @@ def patch_token_probe(patch_feats: torch.Tensor, scenes: Sequence[Sequence[dict]
     x = torch.stack(x)
     return {"color": linear_probe_accuracy(x, torch.tensor(colour), len(COLORS)),
             "shape": linear_probe_accuracy(x, torch.tensor(shape), len(SHAPES)),
-            "object": linear_probe_accuracy(torch.cat(occupied_x), torch.tensor(occupied_y), 2)}
+            "object": linear_probe_accuracy(torch.cat(occupied_x), torch.tensor(occupied_y), 2),
+            "place": linear_probe_accuracy(torch.cat(occupied_x),
+                                           torch.arange(patch_feats.shape[1]).repeat(len(occupied_x)),
+                                           patch_feats.shape[1])}
 
 
 def caption_negatives(caption: str, rng: random.Random,
@@ -480,12 +485,27 @@ def fit_tiny_clip(model, tokenizer, pixel_values: torch.Tensor, captions: Sequen
     return losses
 
 
+@torch.no_grad()
+def scale_position_embeddings(model, std: float | None) -> None:
+    """Re-draw the vision tower's position embeddings with ``std`` (None: keep CLIP's 0.02 init).
+
+    CLIP initialises them ~40x smaller than a patch embedding of unit-variance pixels, and a
+    contrastive loss never needs a *patch* token to say where it is (the CLS token reads that
+    from the keys), so in a tiny CLIP the patch tokens forget their place. A language model
+    reading 9 patch tokens must know which cell each one is, so the tiny CLIP starts with
+    position embeddings as loud as its patch embeddings (notebook 02 measures the difference).
+    """
+    if std is not None:
+        model.vision_model.embeddings.position_embedding.weight.normal_(0.0, std)
+
+
 def tiny_clip_settings(profile: Profile, data_id: str) -> dict[str, Any]:
     """Everything the tiny CLIP's weights depend on; a saved CLIP is reused only if these match."""
     v = profile.vision
     return {"tiny_config": v.tiny_config, "clip_train_steps": v.clip_train_steps,
             "clip_batch_size": v.clip_batch_size, "clip_lr": v.clip_lr,
-            "clip_hard_negatives": list(v.clip_hard_negatives), "seed": profile.runtime.seed, "data": data_id}
+            "clip_hard_negatives": list(v.clip_hard_negatives), "seed": profile.runtime.seed, "data": data_id,
+            "position_init_std": getattr(v, "position_init_std", None)}
 
 
 def _data_id(paths) -> str:
@@ -532,6 +552,7 @@ def train_tiny_clip(profile: Profile, paths=None, force: bool = False) -> Path:
     from transformers import CLIPModel
 
     model = CLIPModel(tiny_clip_config(tiny, tokenizer))
+    scale_position_embeddings(model, getattr(v, "position_init_std", None))
     val_caps = [r.captions[0] for r in val]
     group = min(16, len(val))
     before = caption_retrieval_accuracy(model, tokenizer, val_px, val_caps, group)

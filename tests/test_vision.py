@@ -16,8 +16,9 @@ from capstone_lib.images import load_image
 from capstone_lib.shapesworld import render_scene, sample_scene
 from capstone_lib.vision import (attribute_probe, caption_negatives, caption_retrieval_accuracy,
                                  contrastive_loss, describe_objects, fit_tiny_clip, load_clip, load_vision_tower,
-                                 preprocess, sample_photos, tiny_clip_config, tiny_image_processor,
-                                 train_caption_tokenizer, train_tiny_clip, vision_features)
+                                 patch_token_probe, preprocess, sample_photos, scale_position_embeddings,
+                                 tiny_clip_config, tiny_image_processor, train_caption_tokenizer,
+                                 train_tiny_clip, vision_features)
 
 CAPTIONS = ["A red circle at the top left.", "Two shapes: a blue square in the center and a "
             "white triangle on the right.", "We see a green triangle at the bottom."]
@@ -158,6 +159,27 @@ def test_hard_negatives_teach_position():
         fit_tiny_clip(model, tok, px, captions, steps=150, batch_size=32, lr=3e-3, hard_negatives=kinds)
         accuracy[kinds] = attribute_probe(model, tok, px, scenes)["position"]["accuracy"]
     assert accuracy[("position",)] >= 0.7 and accuracy[("position",)] > accuracy[()] + 0.1, accuracy
+
+
+def test_loud_position_embeddings_let_a_patch_token_say_where_it_is():
+    """With CLIP's 0.02 init a patch token barely knows its cell; at the patch embeddings' scale it does."""
+    from transformers import CLIPModel
+
+    rng = np.random.default_rng(2)
+    scenes = [[o.to_dict() for o in sample_scene(rng, 36, 3)] for _ in range(120)]
+    px = preprocess(tiny_image_processor(36), [render_scene(s, 36) for s in scenes])
+    tok = train_caption_tokenizer(CAPTIONS)
+    tiny = dict(image_size=36, patch_size=12, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, projection_dim=16, text_layers=1, text_max_len=16)
+    place = {}
+    for std in (None, 1.0):
+        torch.manual_seed(0)
+        model = CLIPModel(tiny_clip_config(tiny, tok)).eval()
+        scale_position_embeddings(model, std)
+        with torch.no_grad():
+            feats = vision_features(model.vision_model, px)
+        place[std] = patch_token_probe(feats, scenes, 36, 36, 12)["place"]
+    assert place[1.0] >= 0.95 and place[1.0] > place[None] + 0.2, place
 
 
 @pytest.fixture(scope="module")
