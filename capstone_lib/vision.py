@@ -267,13 +267,11 @@ def patch_token_probe(patch_feats: torch.Tensor, scenes: Sequence[Sequence[dict]
             shape.append(SHAPES.index(o["shape"]))
         occupied_x.append(feats)
         occupied_y.extend(int(i in on_object) for i in range(len(feats)))
-    x = torch.stack(x)
+    x, tokens, n_patches = torch.stack(x), torch.cat(occupied_x), patch_feats.shape[1]
     return {"color": linear_probe_accuracy(x, torch.tensor(colour), len(COLORS)),
             "shape": linear_probe_accuracy(x, torch.tensor(shape), len(SHAPES)),
-            "object": linear_probe_accuracy(torch.cat(occupied_x), torch.tensor(occupied_y), 2),
-            "place": linear_probe_accuracy(torch.cat(occupied_x),
-                                           torch.arange(patch_feats.shape[1]).repeat(len(occupied_x)),
-                                           patch_feats.shape[1])}
+            "object": linear_probe_accuracy(tokens, torch.tensor(occupied_y), 2),
+            "place": linear_probe_accuracy(tokens, torch.arange(n_patches).repeat(len(occupied_x)), n_patches)}
 
 
 def caption_negatives(caption: str, rng: random.Random,
@@ -505,7 +503,7 @@ def tiny_clip_settings(profile: Profile, data_id: str) -> dict[str, Any]:
     return {"tiny_config": v.tiny_config, "clip_train_steps": v.clip_train_steps,
             "clip_batch_size": v.clip_batch_size, "clip_lr": v.clip_lr,
             "clip_hard_negatives": list(v.clip_hard_negatives), "seed": profile.runtime.seed, "data": data_id,
-            "position_init_std": getattr(v, "position_init_std", None)}
+            "position_init_std": v.position_init_std}
 
 
 def _data_id(paths) -> str:
@@ -552,7 +550,7 @@ def train_tiny_clip(profile: Profile, paths=None, force: bool = False) -> Path:
     from transformers import CLIPModel
 
     model = CLIPModel(tiny_clip_config(tiny, tokenizer))
-    scale_position_embeddings(model, getattr(v, "position_init_std", None))
+    scale_position_embeddings(model, v.position_init_std)
     val_caps = [r.captions[0] for r in val]
     group = min(16, len(val))
     before = caption_retrieval_accuracy(model, tokenizer, val_px, val_caps, group)
