@@ -125,8 +125,9 @@ _CPU = _merge(_BASE, {
     # 64 image tokens + prompt + caption fit in the 128-token context of the notebook-01 LM.
     "stage1": dict(max_steps=400, max_len=128, micro_batch_size=32, grad_accum=1, eval_every=200,
                    save_every=200, n_eval_captions=64),
-    "stage2": dict(max_steps=2500, lr=3e-3, projector_lr=1e-3, micro_batch_size=16,
-                   grad_accum=1, lora_r=16, lora_alpha=32, eval_every=500, save_every=500),
+    # 5000 steps (~7 min): held-out VQA 0.75 -> 0.85 and captions 0.79 -> 0.87 over 2500 steps.
+    "stage2": dict(max_steps=5000, lr=3e-3, projector_lr=1e-3, micro_batch_size=16,
+                   grad_accum=1, lora_r=16, lora_alpha=32, eval_every=1000, save_every=1000),
     "eval": dict(n_questions=300, n_captions=100),
 })
 
