@@ -107,12 +107,12 @@ _CPU = _merge(_BASE, {
     "pretrain": dict(
         model_name="pythia-capstone-cpu",
         # ~1.1M parameters; a 128-token context covers a ShapesWorld document and, in stages
-        # 1-2, 64 image patches + question + answer (keep their max_len <= block_size).
+        # 1-2, 9 image patches + the conversation (keep their max_len <= block_size).
         model_config=dict(block_size=128, n_layer=4, n_head=4, n_embd=128,
                           intermediate_size=512, rotary_percentage=0.25,
                           parallel_residual=True, bias=True),
-        # ~half an epoch of the 20k-document corpus (~1.1M tokens): validation loss 7.1 -> ~0.75
-        # after ~250 steps; ~2 minutes on 2 cores.
+        # ~half an epoch of the 20k-document corpus (~1.1M tokens): validation loss 7.0 -> ~0.72
+        # after ~290 steps; ~1 minute on 2 cores.
         vocab_size=1024, max_tokens=600_000, micro_batch_size=16, global_batch_size=16,
         lr=3e-3, min_lr=3e-4, warmup_steps=30, save_interval=100, eval_interval=50,
         log_interval=10, eval_iters=8,
@@ -122,10 +122,10 @@ _CPU = _merge(_BASE, {
                                     num_attention_heads=4, projection_dim=64,
                                     text_hidden_size=64, text_layers=2, text_max_len=40),
                    clip_train_steps=1200, clip_batch_size=64),
-    # 64 image tokens + prompt + caption fit in the 128-token context of the notebook-01 LM.
+    # 9 image tokens + prompt + caption fit in the 128-token context of the notebook-01 LM.
     "stage1": dict(max_steps=400, max_len=128, micro_batch_size=32, grad_accum=1, eval_every=200,
                    save_every=200, n_eval_captions=64),
-    # 5000 steps (~7 min): held-out VQA 0.75 -> 0.85 and captions 0.79 -> 0.87 over 2500 steps.
+    # 5000 steps (~7 min); measured against 2500: held-out VQA 0.75 -> 0.85, captions 0.79 -> 0.87.
     "stage2": dict(max_steps=5000, lr=3e-3, projector_lr=1e-3, micro_batch_size=16,
                    grad_accum=1, lora_r=16, lora_alpha=32, eval_every=1000, save_every=1000),
     "eval": dict(n_questions=300, n_captions=100),
