@@ -83,16 +83,33 @@ def caption_matches(caption: str, objects: Sequence[dict]) -> bool:
     return all(len(s) < 3 or s[2] is None or truth_pos[(s[0], s[1])] == s[2] for s in stated)
 
 
-def caption_accuracy(caption_fn: Callable[[int], str], scenes: Sequence[dict]) -> dict[str, Any]:
-    """Fraction of generated captions (``caption_fn(image_id)``) that match their scene."""
-    hits, examples = 0, []
-    for scene in scenes:
+def caption_accuracy(caption_fn: Callable[[int], str], scenes: Sequence[dict],
+                     progress: bool = False) -> dict[str, Any]:
+    """Fraction of generated captions (``caption_fn(image_id)``) that match their scene.
+
+    Also how grounded they are when not exact: mean precision/recall of the stated colour+shape
+    pairs against the scene, and the same precision against the *next* scene in the list (a
+    caption that ignores its image scores about as well on someone else's).
+    """
+    from tqdm.auto import tqdm
+
+    from .shapesworld import score_caption
+
+    scenes = list(scenes)
+    hits, examples, own, other = 0, [], [], []
+    for i, scene in enumerate(tqdm(scenes, desc="eval captions", leave=False, disable=not progress)):
         cap = caption_fn(scene["image_id"])
         ok = caption_matches(cap, scene["objects"])
         hits += ok
+        own.append(score_caption(cap, scene["objects"]))
+        other.append(score_caption(cap, scenes[(i + 1) % len(scenes)]["objects"]))
         if len(examples) < 8:
             examples.append({"image_id": scene["image_id"], "caption": cap, "ok": ok})
-    return {"caption_accuracy": hits / max(len(scenes), 1), "n_captions": len(scenes),
+    n = max(len(scenes), 1)
+    return {"caption_accuracy": hits / n, "n_captions": len(scenes),
+            "caption_precision": sum(s["precision"] for s in own) / n,
+            "caption_recall": sum(s["recall"] for s in own) / n,
+            "caption_precision_other_scene": sum(s["precision"] for s in other) / n,
             "caption_examples": examples}
 
 
@@ -120,7 +137,7 @@ def evaluate_shapesworld(model, tokenizer, val_cache, paths, n_questions: int, n
                                max_new_tokens=max_new_tokens * 2)
 
     out = vqa_accuracy(answer, tqdm(questions, desc="eval questions", leave=False))
-    out.update(caption_accuracy(caption, tqdm(scenes, desc="eval captions", leave=False)))
+    out.update(caption_accuracy(caption, scenes, progress=True))
     model.train(was_training)
     return out
 

@@ -329,10 +329,28 @@ def _fact(r: random.Random) -> str:
     return f"If there is a {c} {s}, the answer to \"Is there a {c} {s}?\" is yes."
 
 
+# Document kinds of the pretraining corpus and their default weights. A "chat" document states a
+# scene in words and then asks and answers questions about it: the only kind whose next words
+# depend on earlier words of the same document, so the only one that teaches reading the context.
+CORPUS_KINDS = ("captions", "chat", "text")
+DEFAULT_CORPUS_MIX = {"captions": 4, "chat": 4, "text": 2}
+
+
+def corpus_weights(mix: dict[str, float] | None) -> list[float]:
+    """Weights of ``CORPUS_KINDS`` from a ``corpus_mix`` setting (None: the default mix)."""
+    mix = DEFAULT_CORPUS_MIX if mix is None else mix
+    if set(mix) - set(CORPUS_KINDS) or any(w < 0 for w in mix.values()) or \
+            not any(mix.get(k, 0) > 0 for k in CORPUS_KINDS):
+        raise ValueError(f"corpus_mix needs non-negative weights of {CORPUS_KINDS}, some positive; "
+                         f"got {mix!r}")
+    return [mix.get(k, 0) for k in CORPUS_KINDS]
+
+
 def make_corpus_doc(rng: np.random.Generator, r: random.Random, image_size: int,
-                    max_objects: int) -> dict[str, Any]:
-    """One RedPajama-style document: captions, a text-only chat, or plain sentences."""
-    kind = r.choices(("captions", "chat", "text"), weights=(4, 4, 2))[0]
+                    max_objects: int, mix: dict[str, float] | None = None,
+                    chat_turns: int = 3) -> dict[str, Any]:
+    """One RedPajama-style document: captions, a text-only chat (1..chat_turns Q/A), or sentences."""
+    kind = r.choices(CORPUS_KINDS, weights=corpus_weights(mix))[0]
     if kind == "captions":
         sents = []
         for _ in range(r.randint(2, 5)):
@@ -341,7 +359,7 @@ def make_corpus_doc(rng: np.random.Generator, r: random.Random, image_size: int,
     elif kind == "chat":
         objs = sample_scene(rng, image_size, max_objects)
         caption = make_captions(objs, 1, r)[0]
-        turns = make_conversation(objs, r.randint(1, 3), [caption], r)
+        turns = make_conversation(objs, r.randint(max(1, chat_turns - 3), chat_turns), [caption], r)
         intro = r.choice(("The picture shows", "Scene:", "Look at this:", "Here is a scene with"))
         listing = _join([_obj_phrase(o, r) for o in objs])
         turns[0] = {"from": "human", "value": f"{intro} {listing}.\n" +
@@ -443,6 +461,7 @@ def _coco_json(split: str, images: list[dict], annotations: list[dict]) -> dict[
 def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_train: int = 48,
              n_val: int = 16, max_objects: int = 3, captions_per_image: int = 3,
              questions_per_image: int = 3, corpus_docs: int = 400,
+             corpus_mix: dict[str, float] | None = None, corpus_chat_turns: int = 3,
              progress: bool = True) -> ShapesWorldPaths:
     """Write a complete ShapesWorld data set under ``out_dir`` (``manifest.json`` last)."""
     from tqdm.auto import tqdm
@@ -455,6 +474,11 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
     settings = dict(seed=seed, image_size=image_size, n_train=n_train, n_val=n_val,
                     max_objects=max_objects, captions_per_image=captions_per_image,
                     questions_per_image=questions_per_image, corpus_docs=corpus_docs)
+    settings = recorded_settings({**settings, "corpus_mix": corpus_mix,
+                                  "corpus_chat_turns": corpus_chat_turns})
+    if corpus_chat_turns < 1:
+        raise ValueError(f"corpus_chat_turns must be >= 1, got {corpus_chat_turns}")
+    corpus_weights(corpus_mix)          # a bad mix fails before any image is drawn
     paths = ShapesWorldPaths(Path(out_dir))
     if paths.manifest.exists():
         paths.manifest.unlink()
@@ -521,7 +545,8 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
     _dump(paths.eval_questions, eval_questions)
     counts["eval_questions"] = len(eval_questions)
 
-    docs = [make_corpus_doc(rng, r, image_size, max_objects) for _ in range(corpus_docs)]
+    docs = [make_corpus_doc(rng, r, image_size, max_objects, corpus_mix, corpus_chat_turns)
+            for _ in range(corpus_docs)]
     n_val_docs = max(1, corpus_docs // 20) if corpus_docs > 1 else 0
     paths.corpus_train.parent.mkdir(parents=True, exist_ok=True)
     for path, part in ((paths.corpus_val, docs[:n_val_docs]), (paths.corpus_train, docs[n_val_docs:])):
@@ -535,6 +560,18 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
                            "counts": counts, "colors": list(COLORS), "shapes": list(SHAPES),
                            "positions": list(POSITIONS), "question_types": list(QUESTION_TYPES)})
     return paths
+
+
+def recorded_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` without corpus options left at their defaults (older data sets keep their hash)."""
+    out = dict(settings)
+    if out.get("corpus_mix", None) is None:
+        out.pop("corpus_mix", None)
+    else:
+        out["corpus_mix"] = dict(out["corpus_mix"])
+    if out.get("corpus_chat_turns", 3) == 3:
+        out.pop("corpus_chat_turns", None)
+    return out
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -560,7 +597,7 @@ def ensure_shapesworld(profile: Any, base_dir: str | Path | None = None) -> Shap
     """
     from .profiles import REPO_ROOT
 
-    settings = dict(profile.data.shapesworld) if hasattr(profile, "data") else dict(profile)
+    settings = recorded_settings(profile.data.shapesworld if hasattr(profile, "data") else profile)
     base = Path(base_dir or os.environ.get("CAPSTONE_DATA_DIR") or REPO_ROOT / "data" / "generated")
     root = base / f"shapesworld-{settings_hash(settings)}"
     manifest = read_manifest(root)

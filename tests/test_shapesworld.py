@@ -227,6 +227,31 @@ def test_corpus_mixes_captions_chat_and_text(world):
         "Instruct: Scene: a red circle at the top.\nHow many shapes are there?\nOutput: one<|endoftext|>")
 
 
+def test_corpus_mix_and_chat_turns_are_settings(tmp_path):
+    world = generate(tmp_path / "chat", progress=False, **{**SMALL, "n_train": 8, "n_val": 4},
+                     corpus_mix={"chat": 1}, corpus_chat_turns=5)
+    docs = [json.loads(line) for line in world.corpus_train.read_text().splitlines()]
+    assert {d["meta"]["source"] for d in docs} == {"shapesworld-chat"}
+    turns = Counter(d["text"].count("\nOutput: ") for d in docs)
+    assert min(turns) >= 2 and max(turns) == 5                      # 2..5 exchanges per chat
+    manifest = json.loads(world.manifest.read_text())
+    assert manifest["settings"]["corpus_mix"] == {"chat": 1} and manifest["settings"]["corpus_chat_turns"] == 5
+    default = generate(tmp_path / "default", progress=False, **{**SMALL, "n_train": 8, "n_val": 4})
+    assert "corpus_mix" not in json.loads(default.manifest.read_text())["settings"]   # old hash kept
+    with pytest.raises(ValueError, match="corpus_mix"):
+        generate(tmp_path / "bad", progress=False, **SMALL, corpus_mix={"chats": 1})
+
+
+def test_ensure_reuses_data_with_a_corpus_mix(tmp_path):
+    profile = get_profile("smoke", data={"shapesworld": {**SMALL, "n_train": 6, "n_val": 3, "corpus_docs": 10,
+                                                         "corpus_mix": {"chat": 3, "captions": 1},
+                                                         "corpus_chat_turns": 4}})
+    first = ensure_shapesworld(profile, base_dir=tmp_path)
+    stamp = first.manifest.stat().st_mtime_ns
+    assert ensure_shapesworld(profile, base_dir=tmp_path) == first
+    assert first.manifest.stat().st_mtime_ns == stamp            # the manifest matches: reused
+
+
 def test_parse_and_score_caption():
     got = parse_caption("Two shapes: a Red circle in the top left, and a blue square in the middle.")
     assert got == {("red", "circle", "top left"), ("blue", "square", "center")}

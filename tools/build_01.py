@@ -51,6 +51,14 @@ RedPajama (the open reproduction of LLaMA's training data) ships one JSON object
 reads both. It mixes captions of random scenes, short facts, and text-only chats written in the
 course's chat template (`Instruct: ... Output: ...<|endoftext|>`), so the model learns the
 vocabulary *and* the turn format that notebooks 03-05 rely on.
+
+The mix matters more than its size. A chat document first states a scene in words ("Scene: a red
+circle at the top left and ...") and then asks and answers questions about it and describes it:
+the only kind of document whose next words depend on words earlier in the same document. An LM
+that has only seen captions of unrelated scenes learns to ignore its context, and then no
+projector can make it describe an image (notebook 03). So the `cpu` profile's corpus is mostly
+chats (`data.shapesworld.corpus_mix`, 2-5 exchanges each: `corpus_chat_turns`). Real text
+(RedPajama) is full of such dependencies already.
 """),
     code("""
 train_path, val_path = corpus_paths(profile)

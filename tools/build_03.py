@@ -105,6 +105,8 @@ before = evaluate_shapesworld(vlm, tokenizer, val_cache, paths, ev.n_questions, 
                               max_new_tokens=ev.max_new_tokens)
 record_eval(profile, "before_training", {k: v for k, v in before.items() if not k.endswith("examples")})
 print(format_results({"before training": before}))
+print(f"colour+shape pairs its captions state that are in the image: {before['caption_precision']:.2f} "
+      f"(in another image: {before['caption_precision_other_scene']:.2f})")
 for ex in before["caption_examples"][:3]:
     print(" ", ex)
 del vlm
@@ -125,12 +127,18 @@ plot_history(result["history"], title="stage 1: projector training");
 """),
     md("""
 ## 5. After training
-A word of honesty about scale. With Phi-2 (2.7B parameters) a projector alone makes the frozen
-LM describe images: a big LM can read a projected vector as if it were several words. Our
-1M-parameter LM from notebook 01 cannot: one projected vector per grid cell is not a phrase it
-knows how to read, so after stage 1 its captions still mostly guess. What the projector learns
-here is the caption *distribution* (the loss falls) but hardly the image yet; the image grounding comes in stage 2, where LoRA lets the LM itself
-learn to read the projected tokens. The numbers below show exactly how far stage 1 gets.
+Only the projector learned; the LM is the one from notebook 01, frozen. That works because
+notebook 01's corpus is made of documents that state a scene in words and then describe it and
+answer questions about it, so the LM learned to *read its context*: the projector only has to
+write the image into the context in a form that LM already reads. (An LM pretrained on captions of
+unrelated scenes ignores its context; with it, stage 1 lowers the loss but the captions name the
+right objects no more often than a caption of another image. We measured exactly that before the
+corpus changed: colour+shape precision 0.16 against 0.09 for another image.)
+
+We score each held-out caption by the colour+shape pairs it states: **precision** = the fraction
+that are really in the image, compared with the same caption scored against *another* image
+(what a caption that ignores its image would get). Exact captions (every object, no extra) are
+still rare after stage 1 with a 1M-parameter LM; stage 2 (LoRA on the LM) makes them right.
 """),
     code("""
 vlm, tokenizer = result["model"], result["tokenizer"]
@@ -138,6 +146,9 @@ after = evaluate_shapesworld(vlm, tokenizer, val_cache, paths, ev.n_questions, e
                              max_new_tokens=ev.max_new_tokens)
 record_eval(profile, "after_stage1", {k: v for k, v in after.items() if not k.endswith("examples")})
 print(format_results({"before training": before, "after stage 1": after}))
+for name, r in (("before training", before), ("after stage 1", after)):
+    print(f"{name:<16} caption colour+shape precision {r['caption_precision']:.2f} "
+          f"(another image: {r['caption_precision_other_scene']:.2f}), recall {r['caption_recall']:.2f}")
 
 fig, axes = plt.subplots(1, 4, figsize=(14, 4))
 for ax, rec in zip(axes, val_records[:4]):
@@ -152,9 +163,12 @@ first_loss = result["history"][0]["loss"]
 final_val = [h["val_loss"] for h in result["history"] if "val_loss" in h][-1]
 print(f"caption loss: {first_loss:.3f} at the first step -> {final_val:.3f} on held-out captions")
 if profile.name == "cpu":
-    # Measured on the cpu profile: caption loss 0.82 -> 0.73, while held-out caption and question
-    # accuracy stay near their untrained level (0.0 and ~0.3): see the note above.
+    # Measured on the cpu profile (100 held-out captions): precision 0.14 before training ->
+    # 0.47 after stage 1, against 0.15 for another image's objects; recall 0.06 -> 0.29.
     assert final_val < first_loss - 0.05, (first_loss, final_val)
+    p_before, p_after = before["caption_precision"], after["caption_precision"]
+    p_other = after["caption_precision_other_scene"]
+    assert p_after >= 0.30 and p_after >= 2 * p_before and p_after >= 2 * p_other, (p_before, p_after, p_other)
 """),
     md("""
 The projector is saved in `runs/<profile>/projector/` (safetensors + a json saying which encoder,

@@ -136,7 +136,7 @@ every other type rose (colour 0.95, position 0.85). Trained on "exists" question
 steps, the loss of the yes/no token stayed at ln 2, with or without a start-of-text token to
 attend to; twice as many "exists" questions (0.53) or "Where is the red circle?" -> "There is no
 red circle." negatives in training (0.48) did not get it off the plateau either. Large LMs learn
-such comparisons while pretraining on far more text; ours saw 600k tokens.
+such comparisons while pretraining on far more text; ours saw 1.2M.
 """),
     md("""
 ## 4. Export one standard checkpoint
