@@ -334,6 +334,7 @@ def _fact(r: random.Random) -> str:
 # depend on earlier words of the same document, so the only one that teaches reading the context.
 CORPUS_KINDS = ("captions", "chat", "text")
 DEFAULT_CORPUS_MIX = {"captions": 4, "chat": 4, "text": 2}
+DEFAULT_CHAT_TURNS = 3   # a chat document asks 1..3 questions unless corpus_chat_turns says more
 
 
 def corpus_weights(mix: dict[str, float] | None) -> list[float]:
@@ -348,7 +349,7 @@ def corpus_weights(mix: dict[str, float] | None) -> list[float]:
 
 def make_corpus_doc(rng: np.random.Generator, r: random.Random, image_size: int,
                     max_objects: int, mix: dict[str, float] | None = None,
-                    chat_turns: int = 3) -> dict[str, Any]:
+                    chat_turns: int = DEFAULT_CHAT_TURNS) -> dict[str, Any]:
     """One RedPajama-style document: captions, a text-only chat (1..chat_turns Q/A), or sentences."""
     kind = r.choices(CORPUS_KINDS, weights=corpus_weights(mix))[0]
     if kind == "captions":
@@ -461,7 +462,7 @@ def _coco_json(split: str, images: list[dict], annotations: list[dict]) -> dict[
 def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_train: int = 48,
              n_val: int = 16, max_objects: int = 3, captions_per_image: int = 3,
              questions_per_image: int = 3, corpus_docs: int = 400,
-             corpus_mix: dict[str, float] | None = None, corpus_chat_turns: int = 3,
+             corpus_mix: dict[str, float] | None = None, corpus_chat_turns: int = DEFAULT_CHAT_TURNS,
              progress: bool = True) -> ShapesWorldPaths:
     """Write a complete ShapesWorld data set under ``out_dir`` (``manifest.json`` last)."""
     from tqdm.auto import tqdm
@@ -471,11 +472,10 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
     if image_size < 16 or n_train < 1 or n_val < 1 or captions_per_image < 1 or questions_per_image < 1:
         raise ValueError("image_size >= 16 and n_train, n_val, captions_per_image, "
                          "questions_per_image >= 1 are required")
-    settings = dict(seed=seed, image_size=image_size, n_train=n_train, n_val=n_val,
-                    max_objects=max_objects, captions_per_image=captions_per_image,
-                    questions_per_image=questions_per_image, corpus_docs=corpus_docs)
-    settings = recorded_settings({**settings, "corpus_mix": corpus_mix,
-                                  "corpus_chat_turns": corpus_chat_turns})
+    settings = recorded_settings(dict(
+        seed=seed, image_size=image_size, n_train=n_train, n_val=n_val, max_objects=max_objects,
+        captions_per_image=captions_per_image, questions_per_image=questions_per_image,
+        corpus_docs=corpus_docs, corpus_mix=corpus_mix, corpus_chat_turns=corpus_chat_turns))
     if corpus_chat_turns < 1:
         raise ValueError(f"corpus_chat_turns must be >= 1, got {corpus_chat_turns}")
     corpus_weights(corpus_mix)          # a bad mix fails before any image is drawn
@@ -565,11 +565,11 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
 def recorded_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` without corpus options left at their defaults (older data sets keep their hash)."""
     out = dict(settings)
-    if out.get("corpus_mix", None) is None:
+    if out.get("corpus_mix") is None:
         out.pop("corpus_mix", None)
     else:
         out["corpus_mix"] = dict(out["corpus_mix"])
-    if out.get("corpus_chat_turns", 3) == 3:
+    if out.get("corpus_chat_turns", DEFAULT_CHAT_TURNS) == DEFAULT_CHAT_TURNS:
         out.pop("corpus_chat_turns", None)
     return out
 
