@@ -30,7 +30,7 @@ _SHAPES_CPU = dict(
     # Mostly text chats that state a scene and then talk about it: they teach the LM to read its
     # context, which stage 1 relies on (notebooks 01 and 03). Measured with 1.2M pretraining
     # tokens: captions of a scene stated in words name its objects 0.75 of the time (0.12 for a
-    # captions-heavy corpus); after stage 1, image captions 0.47 (0.16 with the old corpus).
+    # captions-heavy corpus); after stage 1, image-caption precision 0.47-0.53 (0.16 with the old corpus).
     corpus_mix={"captions": 1, "chat": 3, "text": 0}, corpus_chat_turns=5,
 )
 
@@ -90,7 +90,8 @@ _BASE: dict[str, dict[str, Any]] = {
     "audio": dict(whisper_model="bundled-tiny.en", device="cpu", compute_type="int8",
                   max_seconds=60.0, backend="faster-whisper",
                   beam_size=5, vad_filter=True, language=None, cpu_threads=0),
-    "eval": dict(n_questions=32, n_captions=16, max_new_tokens=32),
+    # Seed-bug lessons (notebook 04b): stage-2 steps per defect and held-out questions per row.
+    "eval": dict(n_questions=32, n_captions=16, max_new_tokens=32, lesson_steps=2, lesson_questions=8),
     "demo": dict(host="127.0.0.1", port=7860, max_upload_mb=10, max_question_chars=500,
                  max_new_tokens=48, temperature=0.0, top_p=1.0),
 }
@@ -129,10 +130,11 @@ _CPU = _merge(_BASE, {
     # 9 image tokens + prompt + caption fit in the 128-token context of the notebook-01 LM.
     "stage1": dict(max_steps=400, max_len=128, micro_batch_size=32, grad_accum=1, eval_every=200,
                    save_every=200, n_eval_captions=64),
-    # 5000 steps (~7 min); measured against 2500: held-out VQA 0.75 -> 0.85, captions 0.79 -> 0.87.
+    # 5000 steps (7-8 min); measured against 2500 (old corpus): held-out VQA 0.75 -> 0.85, captions 0.79 -> 0.87.
     "stage2": dict(max_steps=5000, lr=3e-3, projector_lr=1e-3, micro_batch_size=16,
                    grad_accum=1, lora_r=16, lora_alpha=32, eval_every=1000, save_every=1000),
-    "eval": dict(n_questions=300, n_captions=100),
+    # 150 lesson steps: each defect shows its cost (300 took 154 s and "labels not masked" did not).
+    "eval": dict(n_questions=300, n_captions=100, lesson_steps=150, lesson_questions=100),
 })
 
 _GPU_COMMON = {
@@ -154,7 +156,7 @@ _GPU_COMMON = {
                    lr=2e-4, projector_lr=2e-5, max_len=2048, gradient_checkpointing=True,
                    max_steps=None, eval_every=500, save_every=500),
     "audio": dict(whisper_model="small", device="cuda", compute_type="float16"),
-    "eval": dict(n_questions=300, n_captions=200, max_new_tokens=64),
+    "eval": dict(n_questions=300, n_captions=200, max_new_tokens=64, lesson_steps=500, lesson_questions=100),
 }
 
 _A100 = _merge(_BASE, _merge(_GPU_COMMON, {

@@ -21,8 +21,7 @@ from capstone_lib.evaluate import format_results
 from capstone_lib.lessons import run_lessons
 from capstone_lib.report import StageTimer, load_report
 
-steps = {"smoke": 2, "cpu": 150}.get(profile.name, 500)
-n_q = {"smoke": 8}.get(profile.name, 100)
+steps, n_q = profile.eval.lesson_steps, profile.eval.lesson_questions     # set per profile
 with StageTimer(profile, "lessons") as t:
     rows = run_lessons(profile, steps=steps, n_questions=n_q, n_captions=n_q // 2)
     t.metrics = {k: {"vqa_accuracy": v["vqa_accuracy"], "caption_accuracy": v["caption_accuracy"]}
