@@ -127,13 +127,14 @@ plot_history(result["history"], title="stage 1: projector training");
 """),
     md("""
 ## 5. After training
-Only the projector learned; the LM is the one from notebook 01, frozen. That works because
-notebook 01's corpus is made of documents that state a scene in words and then describe it and
-answer questions about it, so the LM learned to *read its context*: the projector only has to
-write the image into the context in a form that LM already reads. (An LM pretrained on captions of
-unrelated scenes ignores its context; with it, stage 1 lowers the loss but the captions name the
-right objects no more often than a caption of another image. We measured exactly that before the
-corpus changed: colour+shape precision 0.16 against 0.09 for another image.)
+Only the projector learned; the LM is the one from notebook 01, frozen. The projector has to
+write the image into the context in a form that LM already reads, and a 1M-parameter LM that saw
+600k tokens reads its context only a little: the held-out caption loss falls, but the captions
+name the right objects only somewhat more often than a caption of another image would (measured:
+colour+shape precision 0.16 against 0.09 for another image). The exact captions and the answers
+come in stage 2, where the LM itself adapts (notebook 04). There is a trade-off here we measured:
+an LM pretrained twice as long on a chat-heavy corpus gets to 0.47-0.53 after this stage, but ends
+stage 2 *lower* (0.82-0.85 against 0.89-0.90; README "Results").
 
 We score each held-out caption by the colour+shape pairs it states: **precision** = the fraction
 that are really in the image, compared with the same caption scored against *another* image
@@ -163,12 +164,9 @@ first_loss = result["history"][0]["loss"]
 final_val = [h["val_loss"] for h in result["history"] if "val_loss" in h][-1]
 print(f"caption loss: {first_loss:.3f} at the first step -> {final_val:.3f} on held-out captions")
 if profile.name == "cpu":
-    # Measured on the cpu profile (100 held-out captions): precision 0.14 before training ->
-    # 0.47 after stage 1, against 0.15 for another image's objects; recall 0.06 -> 0.29.
+    # Measured on the cpu profile: held-out caption loss falls; colour+shape precision 0.16 after
+    # stage 1 against 0.09 for another image's objects (too close to assert on 100 captions).
     assert final_val < first_loss - 0.05, (first_loss, final_val)
-    p_before, p_after = before["caption_precision"], after["caption_precision"]
-    p_other = after["caption_precision_other_scene"]
-    assert p_after >= 0.30 and p_after >= 2 * p_before and p_after >= 2 * p_other, (p_before, p_after, p_other)
 """),
     md("""
 The projector is saved in `runs/<profile>/projector/` (safetensors + a json saying which encoder,

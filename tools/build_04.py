@@ -116,11 +116,11 @@ plt.xticks([j + 0.27 for j in range(len(types))], types); plt.ylabel("accuracy")
 
 if profile.name == "cpu":
     assert final["n_questions"] >= 200
-    # Measured on the cpu profile (2 cores, 7-8 min of stage 2): VQA 0.82-0.88, captions 0.57-0.87;
-    # after stage 1 VQA ~0.21 with the old corpus's LM, 0.45 with the chat-heavy one. The course's
-    # goal is 0.90 / 0.80 (README "Results"). These bars catch a recipe that stops learning.
-    assert final["vqa_accuracy"] >= 0.65, final["vqa_accuracy"]
-    assert final["caption_accuracy"] >= 0.40, final["caption_accuracy"]
+    # Measured on the cpu profile (2 cores, ~10.5 min of stage 2, 7000 steps): VQA 0.93, captions 0.81;
+    # with 5000 / 6000 steps 0.90 / 0.68 and 0.89 / 0.77; after stage 1 VQA ~0.2. The course's goal is 0.90 / 0.80
+    # (README "Results"). These bars, with a margin for run-to-run spread, catch a recipe that stops learning.
+    assert final["vqa_accuracy"] >= 0.75, final["vqa_accuracy"]
+    assert final["caption_accuracy"] >= 0.50, final["caption_accuracy"]
     assert final["vqa_accuracy"] >= phases["after_stage1"]["vqa_accuracy"] + 0.25
 """),
     md("""
@@ -136,14 +136,15 @@ every other type rose (colour 0.95, position 0.85). Trained on "exists" question
 steps, the loss of the yes/no token stayed at ln 2, with or without a start-of-text token to
 attend to; twice as many "exists" questions (0.53) or "Where is the red circle?" -> "There is no
 red circle." negatives in training (0.48) did not get it off the plateau either. Large LMs learn
-such comparisons while pretraining on far more text; ours saw 1.2M.
+such comparisons while pretraining on far more text; ours saw 600k tokens.
 
-With notebook 01's chat-heavy corpus "exists" got off its plateau (0.83-0.92), and what now holds the
-model back is *binding*: every wrong colour answer we inspected named the colour of another object
-in the same image. Questions keyed by colour ("What shape is the red one?") reach 0.90, those keyed
-by shape or place ("What colour is the circle?") about 0.60. The image tokens carry what is needed
-(a linear probe reads colour 1.00, cell 0.98, shape 0.90 from one token); the small LM is slow to
-learn to look up the right one, and given the scene in words it does no better (colour 0.57-0.63).
+With notebook 01's current corpus (2-5 exchanges per chat, 600k tokens) "exists" got off its plateau
+(0.95), and what now holds the model back is *binding*: every wrong "Where is the yellow square?"
+answer we inspected (22 of 60) named the cell of *another* object in the same image, even when the
+colour alone picks the object. The image tokens carry what is needed (from one token a linear probe
+reads colour 1.00, cell 0.98, shape 0.93); the small LM is slow to learn to look up the right one.
+With an LM pretrained twice as long on a chat-heavy corpus, the colour questions were the weak ones
+(0.60-0.72) and VQA ended at 0.82-0.85.
 """),
     md("""
 ## 4. Export one standard checkpoint
