@@ -230,18 +230,25 @@ def make_question(objects: list[ShapeObject], qtype: str, r: random.Random) -> t
     raise ValueError(f"unknown question type {qtype!r}; choose one of {QUESTION_TYPES}")
 
 
+DEFAULT_DESCRIBE = 0.3   # the share of image conversations with a description turn
 _DESCRIBE_PROMPTS = (CAPTION_PROMPT, CAPTION_PROMPT, CAPTION_PROMPT, "What do you see in the image?",
                      "Describe this picture.")
 
 
 def make_conversation(objects: list[ShapeObject], n_exchanges: int, captions: list[str],
-                      r: random.Random) -> list[dict[str, str]]:
-    """A LLaVA-style conversation: ``n_exchanges`` Q/A pairs, ``<image>`` in the first turn."""
+                      r: random.Random, describe: float = DEFAULT_DESCRIBE) -> list[dict[str, str]]:
+    """A LLaVA-style conversation: ``n_exchanges`` Q/A pairs, ``<image>`` in the first turn.
+
+    With probability ``describe`` one of the questions is a request for a description, answered
+    with one of ``captions`` (LLaVA-Instruct's "detail" conversations).
+    """
+    if not 0.0 <= describe <= 1.0:
+        raise ValueError(f"describe must be a probability in [0, 1], got {describe!r}")
     types = r.sample(QUESTION_TYPES, min(n_exchanges, len(QUESTION_TYPES)))
     while len(types) < n_exchanges:
         types.append(r.choice(QUESTION_TYPES))
     pairs = [make_question(objects, t, r) for t in types]
-    if r.random() < 0.3:   # some conversations ask for a description, answered with a caption
+    if r.random() < describe:   # some conversations ask for a description, answered with a caption
         pairs[r.randrange(len(pairs))] = (r.choice(_DESCRIBE_PROMPTS), r.choice(captions))
     turns = []
     for i, (q, a) in enumerate(pairs):
@@ -463,7 +470,7 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
              n_val: int = 16, max_objects: int = 3, captions_per_image: int = 3,
              questions_per_image: int = 3, corpus_docs: int = 400,
              corpus_mix: dict[str, float] | None = None, corpus_chat_turns: int = DEFAULT_CHAT_TURNS,
-             progress: bool = True) -> ShapesWorldPaths:
+             describe_fraction: float = DEFAULT_DESCRIBE, progress: bool = True) -> ShapesWorldPaths:
     """Write a complete ShapesWorld data set under ``out_dir`` (``manifest.json`` last)."""
     from tqdm.auto import tqdm
 
@@ -475,9 +482,12 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
     settings = recorded_settings(dict(
         seed=seed, image_size=image_size, n_train=n_train, n_val=n_val, max_objects=max_objects,
         captions_per_image=captions_per_image, questions_per_image=questions_per_image,
-        corpus_docs=corpus_docs, corpus_mix=corpus_mix, corpus_chat_turns=corpus_chat_turns))
+        corpus_docs=corpus_docs, corpus_mix=corpus_mix, corpus_chat_turns=corpus_chat_turns,
+        describe_fraction=describe_fraction))
     if corpus_chat_turns < 1:
         raise ValueError(f"corpus_chat_turns must be >= 1, got {corpus_chat_turns}")
+    if not 0.0 <= describe_fraction <= 1.0:
+        raise ValueError(f"describe_fraction must be in [0, 1], got {describe_fraction!r}")
     corpus_weights(corpus_mix)          # a bad mix fails before any image is drawn
     paths = ShapesWorldPaths(Path(out_dir))
     if paths.manifest.exists():
@@ -523,7 +533,7 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
                              "caption": c})
             n_ex = r.randint(max(1, questions_per_image - 1), questions_per_image)
             convs.append({"id": f"{image_id:012d}", "image": name,
-                          "conversations": make_conversation(objs, n_ex, caps, r)})
+                          "conversations": make_conversation(objs, n_ex, caps, r, describe_fraction)})
             if split == "val":
                 rel = f"coco/val2017/{name}"
                 scenes_val.append({"image_id": image_id, "image": rel,
@@ -563,7 +573,7 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
 
 
 def recorded_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` without corpus options left at their defaults (older data sets keep their hash)."""
+    """``settings`` without the options left at their defaults (older data sets keep their hash)."""
     out = dict(settings)
     if out.get("corpus_mix") is None:
         out.pop("corpus_mix", None)
@@ -571,6 +581,8 @@ def recorded_settings(settings: dict[str, Any]) -> dict[str, Any]:
         out["corpus_mix"] = dict(out["corpus_mix"])
     if out.get("corpus_chat_turns", DEFAULT_CHAT_TURNS) == DEFAULT_CHAT_TURNS:
         out.pop("corpus_chat_turns", None)
+    if out.get("describe_fraction", DEFAULT_DESCRIBE) == DEFAULT_DESCRIBE:
+        out.pop("describe_fraction", None)
     return out
 
 

@@ -242,6 +242,27 @@ def test_corpus_mix_and_chat_turns_are_settings(tmp_path):
         generate(tmp_path / "bad", progress=False, **SMALL, corpus_mix={"chats": 1})
 
 
+def _described(world) -> float:
+    convs = json.loads(world.llava_train.read_text())
+    asks = {"Describe this picture.", "What do you see in the image?"}
+    return sum(any(t["from"] == "human" and (t["value"].replace("<image>", "").strip() in asks or
+                                               "caption" in t["value"].lower() or "describe" in t["value"].lower())
+                   for t in c["conversations"]) for c in convs) / len(convs)
+
+
+def test_describe_fraction_is_a_setting(tmp_path):
+    base = {**SMALL, "n_train": 200, "n_val": 4, "corpus_docs": 10}
+    default = generate(tmp_path / "default", progress=False, **base)
+    every = generate(tmp_path / "every", progress=False, **base, describe_fraction=1.0)
+    never = generate(tmp_path / "never", progress=False, **base, describe_fraction=0.0)
+    assert _described(every) == 1.0 and _described(never) == 0.0
+    assert 0.15 < _described(default) < 0.45                       # the default share, 0.3
+    assert "describe_fraction" not in json.loads(default.manifest.read_text())["settings"]  # old hash kept
+    assert json.loads(every.manifest.read_text())["settings"]["describe_fraction"] == 1.0
+    with pytest.raises(ValueError, match="describe_fraction"):
+        generate(tmp_path / "bad", progress=False, **base, describe_fraction=1.5)
+
+
 def test_ensure_reuses_data_with_a_corpus_mix(tmp_path):
     profile = get_profile("smoke", data={"shapesworld": {**SMALL, "n_train": 6, "n_val": 3, "corpus_docs": 10,
                                                          "corpus_mix": {"chat": 3, "captions": 1},

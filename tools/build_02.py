@@ -113,6 +113,13 @@ the captions, AdamW with warmup and cosine decay. Two details:
   right"), which only an encoder that sees shapes and places can do. The ViT's position
   embeddings are what lets the patch tokens know where they are.
 
+How long, and how fast? A contrastive loss is satisfied early by colour and place; the shape of a
+12-pixel object (a circle and a square differ only in their corners) comes last. On `cpu` we
+measured a linear probe for the shape under one patch token (section 3): 1200 steps at lr 2e-3
+read 0.945, at 4e-3 only 0.70; **2000 steps at lr 1e-3 read 0.98**. Those few percent per object
+decide whole captions: with the 0.945 encoder half of the finished assistant's wrong captions
+called a circle a square, and its caption accuracy rose from 0.77 to 0.90 with the sharper one.
+
 The model is saved in `runs/<profile>/clip/` and reused while its settings are unchanged. We
 then measure **zero-shot** matching on the held-out images: for each image, is its own caption the
 most similar among 16 (chance 1/16)? And a harder probe: does CLIP prefer the true caption over
@@ -159,7 +166,7 @@ plt.tight_layout(); plt.show()
 if trained:
     assert trained["loss_last"] < trained["loss_first"], "contrastive training must lower the loss"
 if profile.name == "cpu":
-    # Trained on 3000 ShapesWorld images for about a minute, the tiny CLIP must match held-out
+    # Trained on 10000 ShapesWorld images for about 4 minutes, the tiny CLIP must match held-out
     # images to their captions far above chance, and tell colours and shapes apart.
     assert retrieval >= 0.5, retrieval                      # chance 1/16
     for k in ("color", "shape"):
@@ -252,8 +259,10 @@ print({k: round(v, 3) for k, v in token_probe.items()}, "(random weights:",
 if profile.name == "cpu":
     # The features stage 1 and 2 read must carry colour and shape per token.
     # Measured with the 800-step CLIP: colour 1.00, shape 0.86, on-object 1.00 (random weights:
-    # shape 0.76); with position_init_std = 1.0 the cell probe reads 1.00 (0.31 without).
-    assert token_probe["color"] >= 0.95 and token_probe["shape"] >= 0.8 and token_probe["object"] >= 0.95
+    # shape 0.76); with position_init_std = 1.0 the cell probe reads 1.00 (0.31 without). The
+    # 2000-step CLIP at lr 1e-3 reads shape at 0.98 on 3000 fresh scenes (1200 steps at 2e-3: 0.945)
+    # and at 0.965 on these 300 held-out images.
+    assert token_probe["color"] >= 0.95 and token_probe["shape"] >= 0.92 and token_probe["object"] >= 0.95
     assert token_probe["place"] >= 0.95, token_probe
     assert token_probe["shape"] >= random_probe["shape"] + 0.05, (token_probe, random_probe)
 """),

@@ -116,11 +116,12 @@ plt.xticks([j + 0.27 for j in range(len(types))], types); plt.ylabel("accuracy")
 
 if profile.name == "cpu":
     assert final["n_questions"] >= 200
-    # Measured on the cpu profile (2 cores, ~11 min of stage 2, 7000 steps), three runs: VQA 0.93-0.95,
-    # captions 0.74-0.81; after stage 1 VQA ~0.2. The course's goal is 0.90 / 0.80 (README "Results").
-    # These bars, with a margin for run-to-run spread, catch a recipe that stops learning.
-    assert final["vqa_accuracy"] >= 0.75, final["vqa_accuracy"]
-    assert final["caption_accuracy"] >= 0.50, final["caption_accuracy"]
+    # The course's learning bar (issue "The course really learns"): held-out VQA >= 0.90 and caption
+    # accuracy >= 0.80. Measured on the cpu profile (2 cores, ~8 min of stage 2, 5000 steps), sharper
+    # CLIP: VQA 0.97 / 0.97, captions 0.90 / 0.79 (two seeds); with 60% "describe" conversations
+    # 0.94 / 0.87 on the weaker seed (README "Results"); after stage 1 VQA ~0.2.
+    assert final["vqa_accuracy"] >= 0.90, final["vqa_accuracy"]
+    assert final["caption_accuracy"] >= 0.80, final["caption_accuracy"]
     assert final["vqa_accuracy"] >= phases["after_stage1"]["vqa_accuracy"] + 0.25
 """),
     md("""
@@ -145,6 +146,16 @@ colour alone picks the object. The image tokens carry what is needed (from one t
 reads colour 1.00, cell 0.98, shape 0.93); the small LM is slow to learn to look up the right one.
 With an LM pretrained twice as long on a chat-heavy corpus, the colour questions were the weak ones
 (0.60-0.72) and VQA ended at 0.82-0.85.
+
+The last step was on the *vision* side. Of 23 wrong captions in one run, 13 had a wrong shape,
+nearly always a circle called a square (at 12-16 pixels they differ only in their corners), and
+"what shape?" answers sat at 0.93. A linear probe on one patch token read the shape at 0.945.
+Training the tiny CLIP longer and gentler (2000 steps at lr 1e-3 instead of 1200 at 2e-3, notebook
+02) took that probe to 0.98, shape answers to 1.00 and captions from 0.77 to 0.90, with fewer
+stage-2 steps (5000 instead of 7000). An answer can be no better than the features it reads.
+Then, since a caption has to get every object right, the training conversations ask for a
+description more often (`describe_fraction`, 60% instead of 30%): on a seed where captions had
+stopped at 0.79 they reached 0.87, while VQA gave up a little (0.97 -> 0.94).
 """),
     md("""
 ## 4. Export one standard checkpoint
