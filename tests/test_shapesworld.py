@@ -243,10 +243,11 @@ def test_corpus_mix_and_chat_turns_are_settings(tmp_path):
 
 
 def _described(world) -> float:
+    """The share of training conversations with a description request (one of the generator's prompts)."""
+    from capstone_lib.shapesworld import _DESCRIBE_PROMPTS
+
     convs = json.loads(world.llava_train.read_text())
-    asks = {"Describe this picture.", "What do you see in the image?"}
-    return sum(any(t["from"] == "human" and (t["value"].replace("<image>", "").strip() in asks or
-                                               "caption" in t["value"].lower() or "describe" in t["value"].lower())
+    return sum(any(t["from"] == "human" and t["value"].replace("<image>", "").strip() in _DESCRIBE_PROMPTS
                    for t in c["conversations"]) for c in convs) / len(convs)
 
 
