@@ -166,7 +166,7 @@ plt.tight_layout(); plt.show()
 if trained:
     assert trained["loss_last"] < trained["loss_first"], "contrastive training must lower the loss"
 if profile.name == "cpu":
-    # Trained on 10000 ShapesWorld images for about 4 minutes, the tiny CLIP must match held-out
+    # Trained on 10000 ShapesWorld images for about 3 minutes, the tiny CLIP must match held-out
     # images to their captions far above chance, and tell colours and shapes apart.
     assert retrieval >= 0.5, retrieval                      # chance 1/16
     for k in ("color", "shape"):

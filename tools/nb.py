@@ -57,6 +57,8 @@ def write_notebook(stem: str, title: str, cells: list, timeout: int = 1800) -> P
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["execution"] = {"timeout": timeout}
     nb.cells = [md(f"{badge}\n\n# {title}"), code(SETUP.format(repo=REPO_URL))] + list(cells)
+    for i, cell in enumerate(nb.cells):   # stable ids: a rebuild changes only the cells it edits
+        cell["id"] = f"cell-{i:02d}"
     path = NOTEBOOKS / f"{stem}.ipynb"
     NOTEBOOKS.mkdir(exist_ok=True)
     nbformat.write(nb, path)
