@@ -287,12 +287,19 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 # Random-weight models and synthetic data, through the library's real pieces
 # ------------------------------------------------------------------------------------------
 def random_phi(shape: BenchShape, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A ``PhiForCausalLM`` of ``shape.lm`` with random weights, built directly on ``device``."""
+    """A ``PhiForCausalLM`` of ``shape.lm`` with random weights, built directly on ``device``.
+
+    Tuned as the course's loader tunes the real Phi-2 (``lm_tuning.tune_language_model``).
+    """
     from transformers import PhiConfig, PhiForCausalLM
+
+    from .lm_tuning import tune_language_model
 
     torch.manual_seed(0)
     with torch.device(device):
-        return PhiForCausalLM._from_config(PhiConfig(**shape.lm), dtype=dtype)
+        lm = PhiForCausalLM._from_config(PhiConfig(**shape.lm), dtype=dtype)
+    tune_language_model(lm)
+    return lm
 
 
 def random_clip_vision(vision: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -393,6 +400,7 @@ def bench_stage1(shape: BenchShape, lm, precision: str, device: torch.device, tm
     from .feature_cache import build_feature_cache
     from .images import load_image
     from .mm_model import VisionLanguageModel
+    from .lm_tuning import tune_language_model
     from .projector import build_projector
     from .vision import preprocess, tiny_image_processor
 
@@ -407,6 +415,7 @@ def bench_stage1(shape: BenchShape, lm, precision: str, device: torch.device, tm
                                     dtype="float16" if device.type == "cuda" else "float32")
     for p in lm.parameters():
         p.requires_grad_(False)
+    tune_language_model(lm, frozen=True)         # as stage1.build_model does to its frozen LM
     torch.manual_seed(3)
     projector = build_projector("mlp2x_gelu", vision["hidden_size"], lm.config.hidden_size).to(device)
     image_token_id = lm.config.vocab_size - 1
@@ -645,11 +654,14 @@ def run_bench(shape: str = "auto", device: str | None = None, out: str | Path | 
         sh = replace(sh, stage1_batch=prof.stage1.micro_batch_size)
     precision, dtype = prof.runtime.precision, compute_dtype(prof)
     t_start = time.perf_counter()
+    from .lm_tuning import lm_tuning_levers
+
     res: dict[str, Any] = {"shape": sh.name, "shape_detail": sh.describe(), "config": asdict(sh),
-                           "machine": device_info(dev), "precision": precision, "profile": prof.name}
+                           "machine": device_info(dev), "precision": precision, "profile": prof.name,
+                           "lm_tuning": list(lm_tuning_levers())}
     m = res["machine"]
     log(f"bench: {sh.name} on {m['name']} ({dev}, {precision}, {m['threads']} threads, "
-        f"load {m['load_avg']})\n  {sh.describe()}")
+        f"load {m['load_avg']})\n  {sh.describe()}\n  LM tuning: {', '.join(res['lm_tuning']) or 'none'}")
 
     def done(what: str) -> None:
         log(f"  {what} done ({time.perf_counter() - t_start:.0f} s)")
@@ -731,7 +743,8 @@ def format_table(res: dict[str, Any]) -> str:
 
     rows = [f"device: {m['name']} ({m['device']}, {res['precision']}, {m['threads']} threads, "
             f"load {m['load_avg']} -> {m.get('load_avg_end')})",
-            f"shape:  {res['shape']}: {res['shape_detail']}", "",
+            f"shape:  {res['shape']}: {res['shape_detail']}",
+            f"LM tuning (lm_tuning.tune_language_model): {', '.join(res.get('lm_tuning') or []) or 'none'}", "",
             f"peak_flops ({res['precision']} matmul, GFLOP/s): {res['peak_flops'][res['precision']] / 1e9:.1f}",
             f"stage1  projector step, cached features, batch {s1['batch']} x {s1['seq_len']} tokens",
             row("samples/s", f"{s1['samples_per_s']:.2f}"), row("tokens/s", f"{s1['tokens_per_s']:.0f}"),

@@ -617,6 +617,8 @@ def load_language_model(profile: Profile, dtype=None):
     """``(AutoModelForCausalLM, tokenizer)`` with eos = pad = ``<|endoftext|>`` and ``<image>`` added.
 
     The embeddings are resized only if ``<image>`` got an id outside the model's vocabulary.
+    ``tune_language_model`` swaps in a fused tanh GELU (Phi-2's ``gelu_new``; same function) and
+    keeps half-precision LayerNorms out of autocast's fp32 round trip.
     """
     from transformers import AutoModelForCausalLM
 
@@ -631,4 +633,8 @@ def load_language_model(profile: Profile, dtype=None):
     model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
     if max(tokenizer.get_vocab().values()) >= model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+    from .lm_tuning import tune_language_model
+
+    tune_language_model(model)
     return model, tokenizer
+

@@ -16,7 +16,11 @@ def compute_dtype(profile: Profile) -> torch.dtype:
 
 
 def load_base_lm(profile: Profile, name_or_path: str | Path):
-    """The base LM for stage 2: 4-bit NF4 with double quantization when the profile says so."""
+    """The base LM for stage 2: 4-bit NF4 with double quantization when the profile says so.
+
+    ``lm_tuning.tune_language_model`` swaps in a fused tanh GELU (Phi-2's ``gelu_new``; same
+    function). Dropout stays on here: the LoRA layers inside the LM are trained.
+    """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = compute_dtype(profile)
@@ -27,7 +31,11 @@ def load_base_lm(profile: Profile, name_or_path: str | Path):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    from .lm_tuning import tune_language_model
+
+    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    tune_language_model(model)
+    return model
 
 
 def add_lora(profile: Profile, model):

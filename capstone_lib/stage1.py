@@ -129,9 +129,9 @@ def load_projector(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def build_model(profile: Profile, lm=None, tokenizer=None, projector: nn.Module | None = None):
     """The frozen LM (from notebook 01 on cpu, Phi-2 on GPU) + a projector -> ``VisionLanguageModel``."""
     from .feature_cache import ensure_feature_cache
+    from .lm_tuning import tune_language_model
     from .mm_model import VisionLanguageModel
     from .pretrain import load_language_model
-
     from .qlora import compute_dtype
 
     if lm is None:
@@ -141,6 +141,10 @@ def build_model(profile: Profile, lm=None, tokenizer=None, projector: nn.Module 
         lm, tokenizer = load_language_model(profile, dtype=compute_dtype(profile) if on_gpu else None)
     for p in lm.parameters():
         p.requires_grad_(False)
+    # Frozen LM: dropout off (Phi-2 ships resid_pdrop 0.1; LLaVA's stage-1 Vicuna has none), plus
+    # the loader's fused tanh GELU and half-precision LayerNorms. The cpu course's GPT-NeoX (exact
+    # GELU, no dropout, fp32) is left as it is.
+    tune_language_model(lm, frozen=True)
     cache = ensure_feature_cache(profile, "train")
     n_tokens, vision_dim = cache.feature_shape
     if projector is None:

@@ -22,6 +22,8 @@ def test_bench_runs_at_the_smallest_shape(tmp_path, monkeypatch):
 
     saved = json.loads(out.read_text())
     assert saved["shape"] == res["shape"] == bench.SHAPES["tiny"].name
+    from capstone_lib.lm_tuning import lm_tuning_levers
+    assert saved["lm_tuning"] == list(lm_tuning_levers())      # the levers the course's LM gets
     assert "Phi d=64" in saved["shape_detail"] and "CLIP 32px/16" in saved["shape_detail"]
     assert _positive(saved["peak_flops"]["fp32"])
 
@@ -53,7 +55,7 @@ def test_bench_runs_at_the_smallest_shape(tmp_path, monkeypatch):
     assert saved["goals"] == []                     # the goals are for the cpu/gpu shapes
 
     table = bench.format_table(res)
-    for word in ("peak_flops", "stage1", "mfu", "cache_speedup", "stage2", "peak memory",
+    for word in ("LM tuning", "peak_flops", "stage1", "mfu", "cache_speedup", "stage2", "peak memory",
                  "time to first token", "kv_speedup", "course_seconds", "matmul kernels take"):
         assert word in table, word
 
