@@ -33,9 +33,24 @@ def normalize_answer(text: str) -> str:
     return " ".join(words)
 
 
+def yes_no_verdict(text: str) -> str:
+    """A yes/no answer's verdict: the whole normalised answer, or "yes"/"no" after a closing "so".
+
+    "The square is blue, so no." -> "no" (the answer states its evidence first); anything else is
+    returned normalised and unchanged, so only a verdict at the very end counts.
+    """
+    words = normalize_answer(text).split()
+    if len(words) >= 2 and words[-2] == "so" and words[-1] in ("yes", "no"):
+        return words[-1]
+    return " ".join(words)
+
+
 def answers_match(prediction: str, reference: str) -> bool:
-    """Exact match after ``normalize_answer`` on both sides."""
-    return normalize_answer(prediction) == normalize_answer(reference)
+    """Exact match after ``normalize_answer``; a yes/no reference is matched by ``yes_no_verdict``."""
+    ref = normalize_answer(reference)
+    if ref in ("yes", "no"):
+        return yes_no_verdict(prediction) == ref
+    return normalize_answer(prediction) == ref
 
 
 @torch.no_grad()

@@ -181,8 +181,23 @@ def _unique(objects: list[ShapeObject], attr: str) -> list[ShapeObject]:
     return [o for o in objects if values.count(getattr(o, attr)) == 1]
 
 
-def make_question(objects: list[ShapeObject], qtype: str, r: random.Random) -> tuple[str, str]:
-    """One ``(question, answer)`` of type ``qtype`` about the scene; answers are canonical."""
+def exists_evidence(objects: Sequence[ShapeObject], shape: str) -> str:
+    """What the scene says about ``shape``: "The square is blue", "The squares are blue and red"..."""
+    colors = [o.color for o in objects if o.shape == shape]
+    if not colors:
+        return f"There is no {shape}"
+    if len(colors) == 1:
+        return f"The {shape} is {colors[0]}"
+    return f"The {shape}s are {_join(colors)}"
+
+
+def make_question(objects: list[ShapeObject], qtype: str, r: random.Random,
+                  explain: bool = False) -> tuple[str, str]:
+    """One ``(question, answer)`` of type ``qtype`` about the scene; answers are canonical.
+
+    With ``explain`` a yes/no ("exists") answer states its evidence first and its verdict last
+    ("The square is blue, so no."); the random draws are the same either way.
+    """
     if qtype == "color":
         by_shape = _unique(objects, "shape")
         if by_shape and r.random() < 0.6:
@@ -226,6 +241,8 @@ def make_question(objects: list[ShapeObject], qtype: str, r: random.Random) -> t
             answer = "no"
         q = r.choice(("Is there a {c} {s}?", "Is there a {c} {s} in the image?",
                       "Can you see a {c} {s}?", "Does the image contain a {c} {s}?"))
+        if explain:
+            answer = f"{exists_evidence(objects, shape)}, so {answer}."
         return q.format(c=color, s=shape), answer
     raise ValueError(f"unknown question type {qtype!r}; choose one of {QUESTION_TYPES}")
 
@@ -236,18 +253,20 @@ _DESCRIBE_PROMPTS = (CAPTION_PROMPT, CAPTION_PROMPT, CAPTION_PROMPT, "What do yo
 
 
 def make_conversation(objects: list[ShapeObject], n_exchanges: int, captions: list[str],
-                      r: random.Random, describe: float = DEFAULT_DESCRIBE) -> list[dict[str, str]]:
+                      r: random.Random, describe: float = DEFAULT_DESCRIBE,
+                      explain_exists: bool = False) -> list[dict[str, str]]:
     """A LLaVA-style conversation: ``n_exchanges`` Q/A pairs, ``<image>`` in the first turn.
 
     With probability ``describe`` one of the questions is a request for a description, answered
-    with one of ``captions`` (LLaVA-Instruct's "detail" conversations).
+    with one of ``captions`` (LLaVA-Instruct's "detail" conversations). ``explain_exists``: yes/no
+    answers give their evidence first (``make_question``).
     """
     if not 0.0 <= describe <= 1.0:
         raise ValueError(f"describe must be a probability in [0, 1], got {describe!r}")
     types = r.sample(QUESTION_TYPES, min(n_exchanges, len(QUESTION_TYPES)))
     while len(types) < n_exchanges:
         types.append(r.choice(QUESTION_TYPES))
-    pairs = [make_question(objects, t, r) for t in types]
+    pairs = [make_question(objects, t, r, explain_exists) for t in types]
     if r.random() < describe:   # some conversations ask for a description, answered with a caption
         pairs[r.randrange(len(pairs))] = (r.choice(_DESCRIBE_PROMPTS), r.choice(captions))
     turns = []
@@ -356,7 +375,7 @@ def corpus_weights(mix: dict[str, float] | None) -> list[float]:
 
 def make_corpus_doc(rng: np.random.Generator, r: random.Random, image_size: int,
                     max_objects: int, mix: dict[str, float] | None = None,
-                    chat_turns: int = DEFAULT_CHAT_TURNS) -> dict[str, Any]:
+                    chat_turns: int = DEFAULT_CHAT_TURNS, explain_exists: bool = False) -> dict[str, Any]:
     """One RedPajama-style document: captions, a text-only chat (1..chat_turns Q/A), or sentences."""
     kind = r.choices(CORPUS_KINDS, weights=corpus_weights(mix))[0]
     if kind == "captions":
@@ -367,7 +386,8 @@ def make_corpus_doc(rng: np.random.Generator, r: random.Random, image_size: int,
     elif kind == "chat":
         objs = sample_scene(rng, image_size, max_objects)
         caption = make_captions(objs, 1, r)[0]
-        turns = make_conversation(objs, r.randint(max(1, chat_turns - 3), chat_turns), [caption], r)
+        turns = make_conversation(objs, r.randint(max(1, chat_turns - 3), chat_turns), [caption], r,
+                                  explain_exists=explain_exists)
         intro = r.choice(("The picture shows", "Scene:", "Look at this:", "Here is a scene with"))
         listing = _join([_obj_phrase(o, r) for o in objs])
         turns[0] = {"from": "human", "value": f"{intro} {listing}.\n" +
@@ -470,7 +490,8 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
              n_val: int = 16, max_objects: int = 3, captions_per_image: int = 3,
              questions_per_image: int = 3, corpus_docs: int = 400,
              corpus_mix: dict[str, float] | None = None, corpus_chat_turns: int = DEFAULT_CHAT_TURNS,
-             describe_fraction: float = DEFAULT_DESCRIBE, progress: bool = True) -> ShapesWorldPaths:
+             describe_fraction: float = DEFAULT_DESCRIBE, explain_exists: bool = False,
+             progress: bool = True) -> ShapesWorldPaths:
     """Write a complete ShapesWorld data set under ``out_dir`` (``manifest.json`` last)."""
     from tqdm.auto import tqdm
 
@@ -483,7 +504,7 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
         seed=seed, image_size=image_size, n_train=n_train, n_val=n_val, max_objects=max_objects,
         captions_per_image=captions_per_image, questions_per_image=questions_per_image,
         corpus_docs=corpus_docs, corpus_mix=corpus_mix, corpus_chat_turns=corpus_chat_turns,
-        describe_fraction=describe_fraction))
+        describe_fraction=describe_fraction, explain_exists=explain_exists))
     if corpus_chat_turns < 1:
         raise ValueError(f"corpus_chat_turns must be >= 1, got {corpus_chat_turns}")
     if not 0.0 <= describe_fraction <= 1.0:
@@ -533,7 +554,8 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
                              "caption": c})
             n_ex = r.randint(max(1, questions_per_image - 1), questions_per_image)
             convs.append({"id": f"{image_id:012d}", "image": name,
-                          "conversations": make_conversation(objs, n_ex, caps, r, describe_fraction)})
+                          "conversations": make_conversation(objs, n_ex, caps, r, describe_fraction,
+                                                                 explain_exists)})
             if split == "val":
                 rel = f"coco/val2017/{name}"
                 scenes_val.append({"image_id": image_id, "image": rel,
@@ -555,8 +577,8 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64, n_trai
     _dump(paths.eval_questions, eval_questions)
     counts["eval_questions"] = len(eval_questions)
 
-    docs = [make_corpus_doc(rng, r, image_size, max_objects, corpus_mix, corpus_chat_turns)
-            for _ in range(corpus_docs)]
+    docs = [make_corpus_doc(rng, r, image_size, max_objects, corpus_mix, corpus_chat_turns,
+                            explain_exists) for _ in range(corpus_docs)]
     n_val_docs = max(1, corpus_docs // 20) if corpus_docs > 1 else 0
     paths.corpus_train.parent.mkdir(parents=True, exist_ok=True)
     for path, part in ((paths.corpus_val, docs[:n_val_docs]), (paths.corpus_train, docs[n_val_docs:])):
@@ -583,6 +605,8 @@ def recorded_settings(settings: dict[str, Any]) -> dict[str, Any]:
         out.pop("corpus_chat_turns", None)
     if out.get("describe_fraction", DEFAULT_DESCRIBE) == DEFAULT_DESCRIBE:
         out.pop("describe_fraction", None)
+    if not out.get("explain_exists", False):
+        out.pop("explain_exists", None)
     return out
 
 

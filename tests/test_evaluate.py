@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from capstone_lib.evaluate import (answers_match, caption_accuracy, caption_matches, normalize_answer,
-                                   vqa_accuracy)
+                                   vqa_accuracy, yes_no_verdict)
 
 RED_CIRCLE = {"color": "red", "shape": "circle", "position": "top left"}
 BLUE_SQUARE = {"color": "blue", "shape": "square", "position": "center"}
@@ -14,6 +14,16 @@ def test_normalisation_case_punctuation_articles_numbers():
     assert normalize_answer("Two.") == "two" and normalize_answer("2") == "two"
     assert answers_match("A red circle", "red circle") and answers_match("Yes.", "yes")
     assert not answers_match("yes", "no") and not answers_match("three", "2")
+
+
+def test_yes_no_answers_may_state_their_evidence_first():
+    assert yes_no_verdict("The square is blue, so no.") == "no"
+    assert answers_match("The squares are red and blue, so yes.", "yes")
+    assert answers_match("There is no circle, so no.", "no") and answers_match("No.", "no")
+    assert not answers_match("The square is blue, so no.", "yes")
+    assert not answers_match("No, so the square is blue.", "no")          # the verdict must come last
+    assert not answers_match("yes no", "no") and not answers_match("so", "no")
+    assert not answers_match("blue, so blue", "blue") and answers_match("Blue.", "blue")  # only yes/no
 
 
 def test_caption_matches_needs_every_object_and_right_positions():

@@ -264,6 +264,40 @@ def test_describe_fraction_is_a_setting(tmp_path):
         generate(tmp_path / "bad", progress=False, **base, describe_fraction=1.5)
 
 
+def test_explained_exists_answers_state_the_evidence_then_the_right_verdict(tmp_path):
+    from capstone_lib.evaluate import yes_no_verdict
+    from capstone_lib.shapesworld import exists_evidence
+
+    base = {**SMALL, "n_train": 60, "n_val": 4, "corpus_docs": 40, "corpus_mix": {"chat": 1}}
+    plain = generate(tmp_path / "plain", progress=False, **base)
+    told = generate(tmp_path / "told", progress=False, **base, explain_exists=True)
+    assert json.loads(told.manifest.read_text())["settings"]["explain_exists"] is True
+    assert "explain_exists" not in json.loads(plain.manifest.read_text())["settings"]   # old hash kept
+    # Same draws: the images, captions and held-out questions are identical; only answers differ.
+    assert plain.eval_questions.read_text() == told.eval_questions.read_text()
+    assert plain.captions_train.read_text() == told.captions_train.read_text()
+    scenes = {c["id"]: c for c in json.loads(plain.llava_train.read_text())}
+    n = 0
+    for conv in json.loads(told.llava_train.read_text()):
+        before = scenes[conv["id"]]["conversations"]
+        for i, (t, b) in enumerate(zip(conv["conversations"], before)):
+            if t["value"] == b["value"]:
+                continue
+            q = conv["conversations"][i - 1]["value"]
+            m = re.search(r"a (\w+) (circle|square|triangle)", q)
+            assert t["from"] == "gpt" and m, (q, t["value"])
+            assert b["value"] in ("yes", "no") and yes_no_verdict(t["value"]) == b["value"]
+            assert re.fullmatch(r"(There is no \w+|The \w+ is \w+|The \w+s are [\w ,]+), so (yes|no)\.",
+                                t["value"]), t["value"]
+            n += 1
+    assert n > 30
+    docs = [json.loads(line)["text"] for line in told.corpus_train.read_text().splitlines()]
+    assert any(", so yes." in d for d in docs) and any(", so no." in d for d in docs)
+    red_square, blue_square = ShapeObject("red", "square", "center"), ShapeObject("blue", "square", "top")
+    assert exists_evidence([red_square], "circle") == "There is no circle"
+    assert exists_evidence([red_square, blue_square], "square") == "The squares are red and blue"
+
+
 def test_ensure_reuses_data_with_a_corpus_mix(tmp_path):
     profile = get_profile("smoke", data={"shapesworld": {**SMALL, "n_train": 6, "n_val": 3, "corpus_docs": 10,
                                                          "corpus_mix": {"chat": 3, "captions": 1},

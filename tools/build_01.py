@@ -54,7 +54,9 @@ vocabulary *and* the turn format that notebooks 03-05 rely on.
 
 The mix and the amount both matter. A chat document first states a scene in words ("Scene: a
 red circle at the top left and ...") and then asks and answers questions about it and describes
-it: the only kind of document whose next words depend on words earlier in the same document. The
+it: the only kind of document whose next words depend on words earlier in the same document
+(a yes/no answer states its evidence first, "The square is blue, so no.", as in notebook 04's
+training conversations, which explains why: `data.shapesworld.explain_exists`). The
 `cpu` profile mixes captions, chats (2-5 exchanges: `corpus_chat_turns`) and facts 4 : 4 : 2
 (`data.shapesworld.corpus_mix`) and stops after 600k tokens, about half the corpus. We measured
 the whole course with other choices (README "Results"): pretraining twice as long (1.2M tokens)

@@ -116,12 +116,10 @@ plt.xticks([j + 0.27 for j in range(len(types))], types); plt.ylabel("accuracy")
 
 if profile.name == "cpu":
     assert final["n_questions"] >= 200
-    # The course's bar is held-out VQA >= 0.90 and captions >= 0.80 (all 300 held-out images).
-    # This recipe (4-5 exchanges, 60% with a description, 5000 steps) measured VQA 0.98 / 0.97 / 0.963 /
-    # 0.897 and captions 0.98 / 0.93 / 0.98 / 0.93 in four runs; in the 0.897 one "exists" got only part way off its
-    # plateau (0.72). Captions are asserted at the bar; questions at a floor that holds even with
-    # "exists" stuck at a coin flip (every other type measured >= 0.90), README "Results".
-    assert final["vqa_accuracy"] >= 0.80, final["vqa_accuracy"]
+    # The course's bar: held-out VQA >= 0.90 and captions >= 0.80 (all 300 held-out images).
+    # With yes/no answers that state their evidence first (next section), runs from seeds that had
+    # left "exists" on its plateau measured VQA 0.98 / 0.973 and captions 0.94 / 0.95 (README "Results").
+    assert final["vqa_accuracy"] >= 0.90, final["vqa_accuracy"]
     assert final["caption_accuracy"] >= 0.80, final["caption_accuracy"]
     assert final["vqa_accuracy"] >= phases["after_stage1"]["vqa_accuracy"] + 0.25
 """),
@@ -163,8 +161,27 @@ the comparison to be found. The same LM with 30% descriptions got "exists" to 0.
 only to 0.76. The way out of that trade was to give each training conversation one more exchange
 (4-5 instead of 3-4): the model sees more questions *and* more descriptions per step for ~20% more
 tokens. From the very LM, CLIP and projector that had ended at 0.82 / 0.98: VQA 0.97 ("exists"
-0.98), captions 0.93; its two CI runs 0.98 / 0.98 and 0.963 / 0.98. Captions now hold in every run; "exists" still does
-not: a run from another seed left it at 0.72 (VQA 0.897, captions 0.93).
+0.98), captions 0.93; its two CI runs 0.98 / 0.98 and 0.963 / 0.98. Captions then held in every run; "exists" still did
+not: a run from another seed left it at 0.72 (VQA 0.897), one more at 0.57 even after 6000 steps (VQA 0.82).
+
+### Let the answer show its work
+What finally took "exists" off its plateau was not more steps but a different *answer*. The
+training conversations (and notebook 01's chats) now answer a yes/no question with its evidence
+first and its verdict last:
+
+    Is there a red square?   ->  The square is blue, so no.
+    Can you see a blue circle? ->  The circles are green and blue, so yes.
+    Is there a purple triangle? -> There is no triangle, so no.
+
+The first half is a lookup the model already makes well ("What colour is the square?"); the
+verdict then compares two words that are both *in the text*, the question's colour and the one
+just written, which is the kind of match a language model learns easily. This is chain of thought
+at the smallest scale: the same network, given room to write an intermediate result, solves what it
+could not solve in one step. The held-out questions keep their canonical answers, and the
+evaluation reads a yes/no answer's verdict after its closing "so" (`yes_no_verdict`; a bare "no"
+still counts, a verdict anywhere else does not). From the seed that had left "exists" at 0.57 after
+6000 steps: VQA 0.98, "exists" 0.95, captions 0.94 after 5000; from the one that had left it at 0.72:
+VQA 0.973, "exists" 0.95, captions 0.95 (`data.shapesworld.explain_exists`, README "Results").
 """),
     md("""
 ## 4. Export one standard checkpoint
