@@ -399,8 +399,8 @@ def bench_stage1(shape: BenchShape, lm, precision: str, device: torch.device, tm
     from .batching import collate_padded
     from .feature_cache import build_feature_cache
     from .images import load_image
-    from .mm_model import VisionLanguageModel
     from .lm_tuning import tune_language_model
+    from .mm_model import VisionLanguageModel
     from .projector import build_projector
     from .vision import preprocess, tiny_image_processor
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 LM_TUNING_ENV = "CAPSTONE_LM_TUNING"
 LM_TUNING_LEVERS = ("gelu", "dropout", "layernorm")
-LM_TUNING_DEFAULT = ("gelu", "dropout", "layernorm")
+LM_TUNING_DEFAULT = LM_TUNING_LEVERS      # all of them unless $CAPSTONE_LM_TUNING says otherwise
 
 
 def lm_tuning_levers() -> tuple[str, ...]:
@@ -78,16 +78,18 @@ def tune_language_model(model, frozen: bool = False, levers: Sequence[str] | Non
     On an H100 at the bench's Phi-2 shape the three took a stage-1 step from 238 to 139 ms
     (docs/PERFORMANCE.md); in bf16 under autocast the logits of a 4-layer Phi-2 were bit-identical.
     """
+    import torch
     from torch import nn
     from transformers.activations import ACT2FN, NewGELUActivation
 
     levers = lm_tuning_levers() if levers is None else tuple(levers)
     changed = {"gelu": 0, "dropout": 0, "layernorm": 0}
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if "gelu" in levers and type(child) is NewGELUActivation:
-                setattr(parent, name, ACT2FN["gelu_pytorch_tanh"])
-                changed["gelu"] += 1
+    if "gelu" in levers:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is NewGELUActivation:
+                    setattr(parent, name, ACT2FN["gelu_pytorch_tanh"])
+                    changed["gelu"] += 1
     if "dropout" in levers and frozen:
         for module in model.modules():
             if isinstance(module, nn.Dropout) and module.p > 0:
@@ -97,8 +99,6 @@ def tune_language_model(model, frozen: bool = False, levers: Sequence[str] | Non
                 module.attention_dropout = 0.0     # attention modules that pass it to SDPA
                 changed["dropout"] += 1
     if "layernorm" in levers:
-        import torch
-
         cls = _autocast_free_layer_norm()
         for module in model.modules():
             if type(module) is nn.LayerNorm and module.weight is not None and \

@@ -637,4 +637,3 @@ def load_language_model(profile: Profile, dtype=None):
 
     tune_language_model(model)
     return model, tokenizer
-
