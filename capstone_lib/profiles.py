@@ -151,8 +151,8 @@ _CPU = _merge(_BASE, {
     # above, 5000 steps gave 0.98 / 0.98 and 0.963 / 0.98 in CI, but 0.897 / 0.93 from seed 1235 and
     # 0.82 / 0.95 from seed 1236 even with 6000 steps ("exists" on its plateau). With the explained
     # yes/no answers above, 5000 steps: seed 1235 0.973 / 0.95, seed 1236 0.983 / 0.94 (README "Results").
-    # For time (the course's ~15 minutes), 4500: seed 1234 0.96 / 0.92 (4000: 0.933 / 0.84; 5000 in
-    # CI: 0.983 / 0.97), seed 1236 at 4000: 0.963 / 0.94.
+    # For time (the course's ~15 minutes), 4500: seed 1234 0.96 / 0.92 and 0.957 / 0.91 (`make course`),
+    # 0.94 / 0.89 in CI, seed 1235 0.973 / 0.97 (4000: 0.933 / 0.84; 5000 in CI: 0.983 / 0.97).
     "stage2": dict(max_steps=4500, lr=3e-3, projector_lr=1e-3, micro_batch_size=16,
                    grad_accum=1, lora_r=16, lora_alpha=32, eval_every=1000, save_every=1000),
     # 150 lesson steps: each defect shows its cost (300 took 154 s and "labels not masked" did not).
