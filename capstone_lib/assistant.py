@@ -141,10 +141,14 @@ class Assistant:
         """Load an exported Llava checkpoint directory (model + processor), offline."""
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from .chat import format_of, set_format
+        from .export import COURSE_MANIFEST, load_course_export
+
         llava_dir = Path(llava_dir)
-        if not (llava_dir / "config.json").is_file():
-            raise FileNotFoundError(f"{llava_dir}: no Llava checkpoint here (config.json missing); "
-                                    "export one with notebook 04 or capstone_lib.export.export_llava")
+        course = (llava_dir / COURSE_MANIFEST).is_file()
+        if not course and not (llava_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{llava_dir}: no exported assistant here (config.json missing); "
+                                    "export one with notebook 04 or capstone_lib.stage2.export_assistant")
         device = device or _setting(profile, "runtime", "device", "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             print("Assistant: no CUDA device; loading on the CPU")
@@ -152,10 +156,16 @@ class Assistant:
         if dtype is None:
             dtype = _DTYPES.get(_setting(profile, "runtime", "precision", "fp32"), torch.float32)
             dtype = torch.float32 if device == "cpu" else dtype
-        processor = AutoProcessor.from_pretrained(str(llava_dir), local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(str(llava_dir), dtype=dtype,
-                                                            local_files_only=True).to(device)
-        return cls(model, processor.tokenizer, processor.image_processor, transcriber,
+        if course:                     # the course's own folder (an LM Llava cannot hold, e.g. Phi-2)
+            model, tokenizer, image_processor = load_course_export(llava_dir, device, dtype)
+        else:
+            processor = AutoProcessor.from_pretrained(str(llava_dir), local_files_only=True)
+            model = AutoModelForImageTextToText.from_pretrained(str(llava_dir), dtype=dtype,
+                                                                local_files_only=True).to(device)
+            tokenizer, image_processor = processor.tokenizer, processor.image_processor
+            # The processor's template is the one training used; the prompt is rendered from it.
+            set_format(tokenizer, format_of(processor))
+        return cls(model, tokenizer, image_processor, transcriber,
                    max_question_chars=_setting(profile, "demo", "max_question_chars", 500),
                    max_new_tokens=_setting(profile, "demo", "max_new_tokens", 64))
 

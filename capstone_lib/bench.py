@@ -75,7 +75,6 @@ PHI2 = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num
             layer_norm_eps=1e-5, tie_word_embeddings=False)           # microsoft/phi-2 config.json
 VIT_B32 = dict(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
                num_hidden_layers=12, num_attention_heads=12)           # openai/clip-vit-base-patch32
-PHI_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
 T4_BUDGET_GIB = 14.0   # a "16 GB" T4 gives PyTorch ~14.7 GiB; leave room for the context and fragmentation
 GOALS = {"stage1_mfu_cpu": 0.40, "stage1_mfu_gpu": 0.45, "cache_speedup": 3.0, "kv_speedup": 5.0}
 GIB = 1 << 30
@@ -616,10 +615,11 @@ def bench_profile(shape: BenchShape, device: torch.device):
     """The course profile whose precision and stage-2 settings the benchmark uses on ``device``."""
     from .profiles import detect_auto, get_profile
 
-    stage2 = dict(lora_targets=PHI_LORA_TARGETS, lora_r=shape.lora_r, lora_alpha=shape.lora_alpha,
-                  quantize_4bit=True)
+    from .lm_spec import lm_preset
+
+    stage2 = dict(lora_r=shape.lora_r, lora_alpha=shape.lora_alpha, quantize_4bit=True)
     return get_profile(detect_auto() if device.type == "cuda" else "cpu", stage2=stage2,
-                       runtime=dict(device=str(device)))
+                       runtime=dict(device=str(device)), lm=lm_preset("phi-2"))
 
 
 def device_info(device: torch.device) -> dict[str, Any]:

@@ -1,14 +1,25 @@
-"""The one chat template of the course, its tokenization and its label mask.
+"""The course's chat formats, their tokenization and their label mask.
 
 Every stage (captions in stage 1, conversations in stage 2, the assistant, the exported
 Llava processor) renders text through this module, so training and inference cannot
-drift apart. The template is Phi-2's instruct style::
+drift apart. A :class:`ChatFormat` is a handful of strings; the LM's spec
+(``capstone_lib.lm_spec``) names which one its LM uses. Two are defined:
+
+``instruct`` (Phi-2's instruct style; the LM you pretrain in notebook 01 learns it)::
 
     Instruct: <image>\\nWhat colour is the circle?\\nOutput: red<|endoftext|>\\nInstruct: ...
 
-Human turns and the ``Output:`` cue are masked (label -100); every assistant answer and
-the EOS after it are supervised. ``<image>`` is expanded to one placeholder token per
-image patch, exactly as transformers' ``LlavaProcessor`` does.
+``chatml`` (SmolLM2's and Qwen2.5's own template)::
+
+    <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n<image>\\nWhat ...<|im_end|>\\n<|im_start|>assistant\\nred<|im_end|>
+
+The Jinja template saved with a tokenizer or an exported processor is *generated* from the
+same strings (:meth:`ChatFormat.jinja`), so there is no hand-kept twin; a tokenizer carries
+its format in ``tokenizer.chat_template`` and :func:`format_of` reads it back.
+
+Human turns and the assistant cue are masked (label -100); every assistant answer and the
+end-of-turn token after it are supervised. ``<image>`` is expanded to one placeholder token
+per image patch, exactly as transformers' ``LlavaProcessor`` does.
 """
 from __future__ import annotations
 
@@ -17,31 +28,97 @@ from typing import Any, Sequence
 
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
-HUMAN_PREFIX = "Instruct: "
-ASSISTANT_CUE = "\nOutput:"
-TURN_SEPARATOR = "\n"
 CAPTION_PROMPT = "Describe the image."
-
-# Jinja version of the same template, saved with the exported processor. It renders a
-# transformers-style message list ({"role", "content": [{"type": "image"}, {"type": "text"}]}).
-JINJA_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['content'] is string %}{% set text = message['content'] %}{% else %}"
-    "{% set ns = namespace(text='') %}"
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{% set ns.text = ns.text + '<image>\\n' %}"
-    "{% elif item['type'] == 'text' %}{% set ns.text = ns.text + item['text'] %}{% endif %}"
-    "{% endfor %}{% set text = ns.text %}{% endif %}"
-    "{% if message['role'] == 'user' %}"
-    "{% if not loop.first %}{{ '\\n' }}{% endif %}{{ 'Instruct: ' + text | trim + '\\nOutput:' }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{ ' ' + text | trim + eos_token }}"
-    "{% endif %}{% endfor %}"
-)
 
 
 class TemplateError(ValueError):
     """A conversation or prompt that the template cannot render or tokenizes inconsistently."""
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How turns become text: ``system``, then per exchange ``[separator] user_prefix + question +
+    assistant_cue`` (masked) and ``answer_prefix + answer + end_of_turn`` (supervised)."""
+
+    name: str
+    user_prefix: str
+    assistant_cue: str
+    answer_prefix: str
+    end_of_turn: str                 # the token that ends an answer: generation stops at it
+    separator: str = "\n"            # between an answer and the next human turn
+    system: str = ""                 # rendered once before the first turn (masked)
+
+    def human(self, text: str, first: bool) -> str:
+        """One human turn and the cue that hands over to the assistant."""
+        lead = self.system if first else self.separator
+        return f"{lead}{self.user_prefix}{text}{self.assistant_cue}"
+
+    def answer(self, text: str) -> str:
+        """One assistant answer with its end-of-turn token."""
+        return f"{self.answer_prefix}{text}{self.end_of_turn}"
+
+    def jinja(self) -> str:
+        """This format as a transformers chat template (messages with text/image content items)."""
+        def lit(s: str) -> str:
+            return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+        return (
+            "{% for message in messages %}"
+            "{% if message['content'] is string %}{% set text = message['content'] %}{% else %}"
+            "{% set ns = namespace(text='') %}"
+            "{% for item in message['content'] %}"
+            f"{{% if item['type'] == 'image' %}}{{% set ns.text = ns.text + {lit(IMAGE_TOKEN + chr(10))} %}}"
+            "{% elif item['type'] == 'text' %}{% set ns.text = ns.text + item['text'] %}{% endif %}"
+            "{% endfor %}{% set text = ns.text %}{% endif %}"
+            "{% if message['role'] == 'user' %}"
+            f"{{% if loop.first %}}{{{{ {lit(self.system)} }}}}{{% else %}}{{{{ {lit(self.separator)} }}}}{{% endif %}}"
+            f"{{{{ {lit(self.user_prefix)} + text | trim + {lit(self.assistant_cue)} }}}}"
+            "{% elif message['role'] == 'assistant' %}"
+            f"{{{{ {lit(self.answer_prefix)} + text | trim + {lit(self.end_of_turn)} }}}}"
+            "{% endif %}{% endfor %}"
+        )
+
+
+INSTRUCT = ChatFormat("instruct", user_prefix="Instruct: ", assistant_cue="\nOutput:", answer_prefix=" ",
+                      end_of_turn="<|endoftext|>")
+# SmolLM2-Instruct's own template (its tokenizer adds this system line when none is given).
+CHATML = ChatFormat("chatml", user_prefix="<|im_start|>user\n", assistant_cue="<|im_end|>\n<|im_start|>assistant\n",
+                    answer_prefix="", end_of_turn="<|im_end|>",
+                    system="<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
+                           "Hugging Face<|im_end|>\n")
+CHAT_FORMATS: dict[str, ChatFormat] = {f.name: f for f in (INSTRUCT, CHATML)}
+# Kept for readers of earlier notebooks: the instruct format's template.
+JINJA_TEMPLATE = INSTRUCT.jinja()
+
+
+def get_format(name: str) -> ChatFormat:
+    """The chat format called ``name``; a clear error lists the known ones."""
+    if name not in CHAT_FORMATS:
+        raise TemplateError(f"unknown chat format {name!r}; the course defines {sorted(CHAT_FORMATS)}")
+    return CHAT_FORMATS[name]
+
+
+def set_format(tokenizer, fmt: ChatFormat):
+    """Give ``tokenizer`` the format's Jinja template (and so the format itself); returns it."""
+    tokenizer.chat_template = fmt.jinja()
+    return tokenizer
+
+
+def format_of(tokenizer) -> ChatFormat:
+    """The course format a tokenizer carries: ``instruct`` when it has no chat template.
+
+    A template that is not one of the course's (e.g. a hub tokenizer's own, never set by
+    ``set_format``) is an error: training and inference would render different prompts.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return INSTRUCT
+    if isinstance(template, dict):
+        template = template.get("default")
+    for fmt in CHAT_FORMATS.values():
+        if template == fmt.jinja():
+            return fmt
+    raise TemplateError("the tokenizer's chat_template is not one of the course's formats "
+                        f"{sorted(CHAT_FORMATS)}; load it with capstone_lib.tokenizer.load_tokenizer(..., spec)")
 
 
 @dataclass
@@ -64,8 +141,8 @@ def expand_image_token(text: str, n_image_tokens: int) -> str:
     return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_image_tokens)
 
 
-def segments(conversations: Sequence[dict[str, Any]], eos_token: str) -> list[tuple[str, bool]]:
-    """Render turns to ``(text, supervised)`` segments; turns must alternate human/gpt."""
+def segments(conversations: Sequence[dict[str, Any]], fmt: ChatFormat = INSTRUCT) -> list[tuple[str, bool]]:
+    """Render turns to ``(text, supervised)`` segments in ``fmt``; turns must alternate human/gpt."""
     out: list[tuple[str, bool]] = []
     for i, turn in enumerate(conversations):
         speaker, value = turn.get("from"), turn.get("value")
@@ -75,17 +152,16 @@ def segments(conversations: Sequence[dict[str, Any]], eos_token: str) -> list[tu
         if not isinstance(value, str) or not value.strip():
             raise TemplateError(f"turn {i}: empty or non-text value")
         if speaker == "human":
-            prefix = TURN_SEPARATOR if i else ""
-            out.append((f"{prefix}{HUMAN_PREFIX}{value.strip()}{ASSISTANT_CUE}", False))
+            out.append((fmt.human(value.strip(), first=i == 0), False))
         else:
-            out.append((f" {value.strip()}{eos_token}", True))
+            out.append((fmt.answer(value.strip()), True))
     return out
 
 
-def render_prompt(history: Sequence[dict[str, Any]], question: str, eos_token: str) -> str:
-    """The text the model continues: earlier turns, then the new question and ``Output:``."""
+def render_prompt(history: Sequence[dict[str, Any]], question: str, fmt: ChatFormat = INSTRUCT) -> str:
+    """The text the model continues: earlier turns, then the new question and the assistant cue."""
     turns = list(history) + [{"from": "human", "value": question}]
-    return "".join(text for text, _ in segments(turns, eos_token))
+    return "".join(text for text, _ in segments(turns, fmt))
 
 
 def _tokenize(tokenizer, text: str) -> list[int]:
@@ -101,7 +177,7 @@ def encode_conversation(tokenizer, conversations: Sequence[dict[str, Any]], n_im
     """
     if len(conversations) < 2 or len(conversations) % 2:
         raise TemplateError(f"need human/gpt pairs, got {len(conversations)} turns")
-    segs = segments(conversations, tokenizer.eos_token)
+    segs = segments(conversations, format_of(tokenizer))
     ids: list[int] = []
     labels: list[int] = []
     kept = 0
@@ -128,7 +204,7 @@ def encode_conversation(tokenizer, conversations: Sequence[dict[str, Any]], n_im
 def encode_prompt(tokenizer, history: Sequence[dict[str, Any]], question: str,
                   n_image_tokens: int) -> list[int]:
     """Token ids of an inference prompt; identical to the training prefix for the same turns."""
-    text = expand_image_token(render_prompt(history, question, tokenizer.eos_token), n_image_tokens)
+    text = expand_image_token(render_prompt(history, question, format_of(tokenizer)), n_image_tokens)
     return _tokenize(tokenizer, text)
 
 

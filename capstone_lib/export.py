@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .chat import IMAGE_TOKEN, JINJA_TEMPLATE
+from .chat import IMAGE_TOKEN, format_of
 from .mm_model import VisionLanguageModel
 from .projector import build_projector, projector_kind
 
@@ -147,20 +147,30 @@ def merged_language_model(lm: nn.Module, base_lm: str | Path | nn.Module | None 
                               "base model directory so the adapter is merged into float32 weights")
         return copy.deepcopy(lm).merge_and_unload()
     base = _load_causal_lm(base_lm)
+    rows = lm.get_input_embeddings().num_embeddings
+    if base.get_input_embeddings().num_embeddings != rows:    # training grew it for <image>
+        base.resize_token_embeddings(rows, mean_resizing=False)
     with tempfile.TemporaryDirectory() as tmp:
         lm.save_pretrained(tmp)                     # adapter only: adapter_config.json + safetensors
         return load_adapter_checked(base, tmp).merge_and_unload()
 
 
-def _load_causal_lm(source: str | Path | nn.Module) -> nn.Module:
-    """A float32 causal LM from a directory / hub name, or a float32 copy of a loaded one."""
+def _load_causal_lm(source: str | Path | nn.Module, tokenizer=None) -> nn.Module:
+    """A float32 causal LM from a directory / hub name, or a float32 copy of a loaded one.
+
+    With ``tokenizer``, a loaded base grows its embeddings to hold ``<image>`` as training did.
+    """
     from transformers import AutoModelForCausalLM
 
     if isinstance(source, nn.Module):
         if _is_quantized(source):
             raise ExportError("base_lm must be a full-precision model, not a quantized one")
         return copy.deepcopy(source).float()
-    return AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    if tokenizer is not None:
+        from .pretrain import fit_embeddings
+        fit_embeddings(model, tokenizer)
+    return model
 
 
 # ----------------------------------------------------------------------------- Llava
@@ -246,7 +256,7 @@ def to_llava(vlm: VisionLanguageModel, vision_tower: nn.Module | None, tokenizer
     # 4. The processor: expands <image> to n_patches placeholders, renders the chat template.
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                patch_size=tower.config.patch_size, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=JINJA_TEMPLATE,
+                               num_additional_image_tokens=1, chat_template=_chat_template(tokenizer),
                                image_token=IMAGE_TOKEN)
     return llava, processor
 
@@ -301,6 +311,35 @@ def _verify_reload(out_dir: Path, reference: torch.Tensor, probe: dict[str, torc
                           f"(max logit difference {(logits - reference).abs().max():.3g})")
 
 
+def _assemble(tokenizer, image_processor, vision_tower, vlm, base_lm, adapter_dir, projector, feature_layer):
+    """Load the parts given as paths and, without ``vlm``, build it from base + adapter + projector."""
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel
+
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    if isinstance(image_processor, (str, Path)):
+        image_processor = AutoImageProcessor.from_pretrained(str(image_processor))
+    if isinstance(vision_tower, (str, Path)):
+        vision_tower = CLIPVisionModel.from_pretrained(str(vision_tower), dtype=torch.float32)
+    vision_tower = vision_tower.eval()
+    if vlm is None:
+        if base_lm is None or projector is None:
+            raise ExportError("export needs vlm=..., or base_lm=... and projector=... (and adapter_dir)")
+        lm = _load_causal_lm(base_lm, tokenizer)
+        if adapter_dir is not None:
+            lm = load_adapter_checked(lm, adapter_dir).merge_and_unload()
+        proj = _load_projector(projector, vision_tower.config.hidden_size, lm.config.hidden_size)
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        vlm = VisionLanguageModel(lm, proj, image_id, vision_tower, feature_layer=feature_layer)
+        base_lm = None                       # already merged
+    return tokenizer, image_processor, vision_tower, vlm, base_lm
+
+
+def _chat_template(tokenizer) -> str:
+    """The Jinja template of the tokenizer's course chat format (``instruct`` when it has none)."""
+    return format_of(tokenizer).jinja()
+
+
 def export_llava(out_dir: str | Path, *, tokenizer, image_processor, vision_tower: nn.Module | str | Path,
                  vlm: VisionLanguageModel | None = None, base_lm: str | Path | nn.Module | None = None,
                  adapter_dir: str | Path | None = None, projector: Any = None,
@@ -314,54 +353,115 @@ def export_llava(out_dir: str | Path, *, tokenizer, image_processor, vision_towe
     ``image_processor`` (objects or dirs). The directory is written to ``<out_dir>.tmp``
     and renamed when complete; with ``verify`` it is reloaded and its logits compared.
     """
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel
-
     out_dir = Path(out_dir)
-    if isinstance(tokenizer, (str, Path)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    if isinstance(image_processor, (str, Path)):
-        image_processor = AutoImageProcessor.from_pretrained(str(image_processor))
-    if isinstance(vision_tower, (str, Path)):
-        vision_tower = CLIPVisionModel.from_pretrained(str(vision_tower), dtype=torch.float32)
-    vision_tower = vision_tower.eval()
-
-    if vlm is None:
-        if base_lm is None or projector is None:
-            raise ExportError("export_llava needs vlm=..., or base_lm=... and projector=... (and adapter_dir)")
-        lm = _load_causal_lm(base_lm)
-        if adapter_dir is not None:
-            lm = load_adapter_checked(lm, adapter_dir).merge_and_unload()
-        proj = _load_projector(projector, vision_tower.config.hidden_size, lm.config.hidden_size)
-        image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        vlm = VisionLanguageModel(lm, proj, image_id, vision_tower, feature_layer=feature_layer)
-        base_lm = None                       # already merged
+    tokenizer, image_processor, vision_tower, vlm, base_lm = _assemble(
+        tokenizer, image_processor, vision_tower, vlm, base_lm, adapter_dir, projector, feature_layer)
     llava, processor = to_llava(vlm, vision_tower, tokenizer, image_processor, base_lm=base_lm)
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _fresh_tmp(out_dir)
     llava.save_pretrained(str(tmp), safe_serialization=True)
     processor.save_pretrained(str(tmp))
     n_patches = llava.config.image_seq_length
     _model_card(tmp, n_patches)
     (tmp / "capstone_export.json").write_text(json.dumps(
         {"projector": "mlp2x_gelu", "image_token": IMAGE_TOKEN, "image_token_id": vlm.image_token_id,
-         "n_image_tokens": n_patches, "vision_feature_layer": vlm.feature_layer}, indent=2))
+         "n_image_tokens": n_patches, "vision_feature_layer": vlm.feature_layer,
+         "chat_format": format_of(tokenizer).name}, indent=2))
     if verify:
-        probe = _probe_inputs(llava, vision_tower, n_patches, vlm.image_token_id)
+        probe = _probe_inputs(llava.config.text_config.vocab_size, vision_tower, n_patches, vlm.image_token_id)
         with torch.no_grad():
             reference = llava(**probe).logits
         del llava
         _verify_reload(tmp, reference, probe)
+    return _move_into_place(tmp, out_dir)
+
+
+def _fresh_tmp(out_dir: Path) -> Path:
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> Path:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
 
 
-def _probe_inputs(llava: nn.Module, tower: nn.Module, n_patches: int, image_id: int) -> dict[str, torch.Tensor]:
+# ----------------------------------------------------------------------------- course format
+COURSE_MANIFEST = "capstone_assistant.json"
+
+
+def export_course(out_dir: str | Path, *, tokenizer, image_processor, vision_tower: nn.Module | str | Path,
+                  vlm: VisionLanguageModel | None = None, base_lm: str | Path | nn.Module | None = None,
+                  adapter_dir: str | Path | None = None, projector: Any = None,
+                  feature_layer: int = -2, verify: bool = True) -> Path:
+    """Save the assistant in the course's own safetensors folder (for an LM Llava cannot hold).
+
+    Phi-2's output head has a bias and Llava's ``lm_head`` has none, so no standard Llava
+    checkpoint answers like the trained model. This folder holds the same parts, each in its
+    standard transformers form: ``language_model/`` (the LoRA merged into a full-precision
+    base, with its tokenizer and chat template), ``vision_tower/`` (CLIP vision model and image
+    processor), ``projector.safetensors`` and ``capstone_assistant.json``. ``Assistant`` and the
+    app load it with :func:`load_course_export`. Same arguments as :func:`export_llava`.
+    """
+    out_dir = Path(out_dir)
+    tokenizer, image_processor, vision_tower, vlm, base_lm = _assemble(
+        tokenizer, image_processor, vision_tower, vlm, base_lm, adapter_dir, projector, feature_layer)
+    kind = projector_kind(vlm.projector)
+    lm = merged_language_model(vlm.lm, base_lm)
+    tmp = _fresh_tmp(out_dir)
+    lm.save_pretrained(str(tmp / "language_model"), safe_serialization=True)
+    tokenizer.chat_template = _chat_template(tokenizer)
+    tokenizer.save_pretrained(str(tmp / "language_model"))
+    vision_tower.save_pretrained(str(tmp / "vision_tower"), safe_serialization=True)
+    image_processor.save_pretrained(str(tmp / "vision_tower"))
+    from safetensors.torch import save_file
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in vlm.projector.state_dict().items()},
+              str(tmp / "projector.safetensors"))
+    n_patches = (vision_tower.config.image_size // vision_tower.config.patch_size) ** 2
+    (tmp / COURSE_MANIFEST).write_text(json.dumps(
+        {"format": "capstone-course-assistant", "projector": kind,
+         "vision_dim": vision_tower.config.hidden_size, "text_dim": lm.config.hidden_size,
+         "image_token": IMAGE_TOKEN, "image_token_id": vlm.image_token_id, "n_image_tokens": n_patches,
+         "vision_feature_layer": vlm.feature_layer, "chat_format": format_of(tokenizer).name,
+         "why": f"{type(lm).__name__}'s output head has a bias, which a standard Llava checkpoint "
+                "cannot hold"}, indent=2))
+    if verify:
+        probe = _probe_inputs(lm.config.vocab_size, vision_tower, n_patches, vlm.image_token_id)
+        reference_vlm = VisionLanguageModel(lm, vlm.projector, vlm.image_token_id, vision_tower,
+                                            feature_layer=vlm.feature_layer).eval()
+        with torch.no_grad():
+            reference = reference_vlm(**probe).logits.float()
+            reloaded, _, _ = load_course_export(tmp)
+            logits = reloaded(**probe).logits.float()
+        if not torch.allclose(logits, reference, atol=1e-4, rtol=1e-4):
+            raise ExportError(f"{out_dir}: the reloaded assistant answers differently from the exported model "
+                              f"(max logit difference {(logits - reference).abs().max():.3g})")
+    return _move_into_place(tmp, out_dir)
+
+
+def load_course_export(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """``(VisionLanguageModel, tokenizer, image_processor)`` from an :func:`export_course` folder."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+
+    from .validation import load_json
+    path = Path(path)
+    meta = load_json(path / COURSE_MANIFEST)
+    lm = AutoModelForCausalLM.from_pretrained(str(path / "language_model"), dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path / "language_model"), local_files_only=True)
+    tower = CLIPVisionModel.from_pretrained(str(path / "vision_tower"), dtype=dtype, local_files_only=True)
+    image_processor = AutoImageProcessor.from_pretrained(str(path / "vision_tower"), local_files_only=True)
+    proj = _load_projector(path / "projector.safetensors", int(meta["vision_dim"]), int(meta["text_dim"]))
+    vlm = VisionLanguageModel(lm, proj, int(meta["image_token_id"]), tower,
+                              feature_layer=int(meta["vision_feature_layer"]))
+    return vlm.to(device).eval(), tokenizer, image_processor
+
+
+def _probe_inputs(vocab: int, tower: nn.Module, n_patches: int, image_id: int) -> dict[str, torch.Tensor]:
     """A fixed prompt (some text, the image placeholders, more text) and a random image."""
-    vocab = llava.config.text_config.vocab_size
     text = [t % vocab for t in range(3, 11) if t % vocab != image_id]
     ids = torch.tensor([text[:4] + [image_id] * n_patches + text[4:]])
     side = tower.config.image_size

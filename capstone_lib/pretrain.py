@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .profiles import REPO_ROOT, Profile
-from .tokenizer import EOS_TOKEN, load_tokenizer, prepare_tokenizer
+from .tokenizer import load_tokenizer, prepare_tokenizer
 
 # The earlier write-up's LitGPT log (pythia-160m on RedPajama, a 24 GB GPU, micro-batch 4).
 EARLIER_WRITEUP = {"model": "pythia-160m", "micro_batch_size": 4, "block_size": 2048,
@@ -602,9 +602,11 @@ def ensure_language_model(profile: Profile) -> str | Path:
     On cpu/smoke, pretrains (resuming if interrupted) and converts when the directory is
     missing or incomplete.
     """
-    lm = getattr(profile, "lm", None)
-    if lm is not None and getattr(lm, "name", None):
-        return lm.name
+    from .lm_spec import lm_spec
+
+    spec = lm_spec(profile)
+    if spec.hub_id:
+        return spec.hub_id
     paths = pretrain_paths(profile)
     if hf_complete(paths.hf):
         return paths.hf
@@ -613,8 +615,20 @@ def ensure_language_model(profile: Profile) -> str | Path:
     return export_language_model(profile)
 
 
+def fit_embeddings(model, tokenizer) -> bool:
+    """Grow the embedding table when the tokenizer's ``<image>`` got an id past it; True if grown.
+
+    SmolLM2's 49,152 rows are all in use, so ``<image>`` becomes row 49,152; Phi-2 and Qwen2.5
+    have spare rows. The new row is never read: image patches are written over it.
+    """
+    if max(tokenizer.get_vocab().values()) < model.get_input_embeddings().num_embeddings:
+        return False
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return True
+
+
 def load_language_model(profile: Profile, dtype=None):
-    """``(AutoModelForCausalLM, tokenizer)`` with eos = pad = ``<|endoftext|>`` and ``<image>`` added.
+    """``(AutoModelForCausalLM, tokenizer)`` of the profile's LM spec, ``<image>`` added, checked.
 
     The embeddings are resized only if ``<image>`` got an id outside the model's vocabulary.
     ``tune_language_model`` swaps in a fused tanh GELU (Phi-2's ``gelu_new``; same function) and
@@ -622,17 +636,19 @@ def load_language_model(profile: Profile, dtype=None):
     """
     from transformers import AutoModelForCausalLM
 
+    import torch
+
+    from .lm_spec import lm_spec
+
     source = ensure_language_model(profile)
     local = Path(str(source)).is_dir()
-    tokenizer = load_tokenizer(source)
-    if tokenizer.eos_token != EOS_TOKEN:
-        raise ValueError(f"{source}: eos_token is {tokenizer.eos_token!r}, expected {EOS_TOKEN!r}")
+    tokenizer = load_tokenizer(source, lm_spec(profile))
     kwargs = {"local_files_only": True} if local else {}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    # An explicit dtype: transformers 5 would otherwise load the checkpoint's own (fp16/bf16),
+    # which runs slowly, or not at all, on a CPU.
+    kwargs["dtype"] = dtype if dtype is not None else torch.float32
     model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
-    if max(tokenizer.get_vocab().values()) >= model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))
+    fit_embeddings(model, tokenizer)
     from .lm_tuning import tune_language_model
 
     tune_language_model(model)

@@ -13,6 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from .lm_spec import lm_preset, spec_from_section
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILE_NAMES = ("smoke", "cpu", "t4", "a100", "a100x8", "a100x16")
 
@@ -94,7 +96,6 @@ _BASE: dict[str, dict[str, Any]] = {
     ),
     "stage2": dict(
         quantize_4bit=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-        lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
         lr=2e-3, projector_lr=2e-4, weight_decay=0.0, warmup_ratio=0.03,
         epochs=1, max_steps=4, micro_batch_size=4, grad_accum=2, max_len=128,
         grad_clip=1.0, gradient_checkpointing=False, eval_every=2, save_every=2,
@@ -104,6 +105,8 @@ _BASE: dict[str, dict[str, Any]] = {
                   beam_size=5, vad_filter=True, language=None, cpu_threads=0),
     # Seed-bug lessons (notebook 04b): stage-2 steps per defect and held-out questions per row.
     "eval": dict(n_questions=32, n_captions=16, max_new_tokens=32, lesson_steps=2, lesson_questions=8),
+    # The language model's identity (capstone_lib.lm_spec): weights, chat format, EOS, LoRA targets.
+    "lm": lm_preset("course-pythia"),
     "demo": dict(host="127.0.0.1", port=7860, max_upload_mb=10, max_question_chars=500,
                  max_new_tokens=48, temperature=0.0, top_p=1.0),
 }
@@ -171,11 +174,9 @@ _GPU_COMMON = {
                      eval_iters=20, corpus_max_tokens=60_000_000),   # 65k tokens/step, ~760 steps
     "vision": dict(encoder="openai/clip-vit-base-patch32", cache_batch_size=256,
                    cache_dtype="float16"),
-    "lm": dict(name="microsoft/phi-2"),
     "stage1": dict(lr=1e-3, max_steps=None, max_len=128, eval_every=500, save_every=500,
                    n_eval_captions=16),
     "stage2": dict(lora_r=128, lora_alpha=256, lora_dropout=0.05,
-                   lora_targets=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
                    lr=2e-4, projector_lr=2e-5, max_len=2048, gradient_checkpointing=True,
                    max_steps=None, eval_every=500, save_every=500),
     "audio": dict(whisper_model="small", device="cuda", compute_type="float16"),
@@ -184,12 +185,14 @@ _GPU_COMMON = {
 
 _A100 = _merge(_BASE, _merge(_GPU_COMMON, {
     "runtime": dict(device="cuda", precision="bf16", num_workers=4),
+    "lm": lm_preset("smollm2-1.7b"),
     "pretrain": dict(precision="bf16-mixed"),
     "stage1": dict(micro_batch_size=32, grad_accum=8),      # effective batch 256 (LLaVA-1.5)
     "stage2": dict(micro_batch_size=8, grad_accum=16),      # effective batch 128
 }))
 _T4 = _merge(_BASE, _merge(_GPU_COMMON, {
     "runtime": dict(device="cuda", precision="fp16", num_workers=2),   # no bf16 on a T4
+    "lm": lm_preset("smollm2-360m"),
     "pretrain": dict(precision="32-true"),   # litgpt pretrain accepts bf16-*/32-true only
     "stage1": dict(micro_batch_size=16, grad_accum=16),     # effective batch 256
     "stage2": dict(micro_batch_size=4, grad_accum=32, max_len=512),
@@ -210,8 +213,8 @@ _A100X16 = _merge(_A100, {  # two nodes x 8 GPUs
 })
 
 _RAW: dict[str, dict[str, Any]] = {
-    "smoke": _merge(_BASE, {"lm": dict(name=None)}),
-    "cpu": _merge(_CPU, {"lm": dict(name=None)}),
+    "smoke": _BASE,
+    "cpu": _CPU,
     "t4": _T4,
     "a100": _A100,
     "a100x8": _A100X8,
@@ -267,4 +270,5 @@ def get_profile(name: str | None = None, **overrides: dict[str, Any]) -> Profile
     if name not in _RAW:
         raise ValueError(f"unknown profile {name!r}; choose one of {PROFILE_NAMES + ('auto',)}")
     raw = _merge(_RAW[name], overrides) if overrides else copy.deepcopy(_RAW[name])
+    raw["lm"] = spec_from_section(raw["lm"]).to_dict()     # validated: a bad lm section fails here
     return Profile(name=name, raw=raw)

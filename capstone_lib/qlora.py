@@ -15,8 +15,10 @@ def compute_dtype(profile: Profile) -> torch.dtype:
     return _DTYPES[profile.runtime.precision]
 
 
-def load_base_lm(profile: Profile, name_or_path: str | Path):
+def load_base_lm(profile: Profile, name_or_path: str | Path, tokenizer=None):
     """The base LM for stage 2: 4-bit NF4 with double quantization when the profile says so.
+
+    With ``tokenizer``, the embedding table grows when ``<image>`` lies past it (SmolLM2).
 
     ``lm_tuning.tune_language_model`` swaps in a fused tanh GELU (Phi-2's ``gelu_new``; same
     function). Dropout stays on here: the LoRA layers inside the LM are trained.
@@ -34,29 +36,40 @@ def load_base_lm(profile: Profile, name_or_path: str | Path):
     from .lm_tuning import tune_language_model
 
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    if tokenizer is not None:
+        from .pretrain import fit_embeddings
+        fit_embeddings(model, tokenizer)
     tune_language_model(model)
     return model
 
 
 def add_lora(profile: Profile, model):
-    """Prepare a (4-bit) model for training and wrap it with fresh LoRA adapters from the profile."""
+    """Prepare a (4-bit) model for training and wrap it with fresh LoRA adapters from the profile.
+
+    The targets are the LM spec's (``lm.lora_targets``); one that matches no module is an error
+    (``lm_spec.check_lora_targets``), where peft would silently adapt fewer modules.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from .lm_spec import check_lora_targets, lm_spec
+
     s2 = profile.stage2
+    targets = lm_spec(profile).lora_targets
+    check_lora_targets(model, targets)
     if s2.quantize_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=s2.gradient_checkpointing)
     elif s2.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     config = LoraConfig(r=s2.lora_r, lora_alpha=s2.lora_alpha, lora_dropout=s2.lora_dropout,
-                        target_modules=list(s2.lora_targets), bias="none", task_type="CAUSAL_LM")
+                        target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
-def load_qlora_model(profile: Profile, name_or_path: str | Path):
+def load_qlora_model(profile: Profile, name_or_path: str | Path, tokenizer=None):
     """Base LM (4-bit per profile) + trainable LoRA adapters: the stage-2 language model."""
     torch.manual_seed(profile.runtime.seed)
-    return add_lora(profile, load_base_lm(profile, name_or_path))
+    return add_lora(profile, load_base_lm(profile, name_or_path, tokenizer))
 
 
 def lora_parameters(model) -> list[torch.nn.Parameter]:

@@ -24,10 +24,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .chat import CAPTION_PROMPT, IMAGE_TOKEN, segments
+from .chat import CAPTION_PROMPT, IMAGE_TOKEN, INSTRUCT, segments
 
 GENERATOR_VERSION = 2   # bump whenever the output bytes change (new folder hash)
-EOS_TOKEN = "<|endoftext|>"   # eos of the course tokenizers (local BPE, Pythia, Phi-2)
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 100, 240),
@@ -392,7 +391,7 @@ def make_corpus_doc(rng: np.random.Generator, r: random.Random, image_size: int,
         listing = _join([_obj_phrase(o, r) for o in objs])
         turns[0] = {"from": "human", "value": f"{intro} {listing}.\n" +
                     turns[0]["value"].replace(IMAGE_TOKEN, "").strip()}
-        text = "".join(t for t, _ in segments(turns, EOS_TOKEN))
+        text = "".join(t for t, _ in segments(turns, INSTRUCT))
     else:
         text = " ".join(_fact(r) for _ in range(r.randint(3, 8)))
     return {"text": text, "meta": {"source": f"shapesworld-{kind}"}}

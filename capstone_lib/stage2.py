@@ -71,13 +71,15 @@ def build_stage2_model(profile: Profile, projector: nn.Module | None = None):
     from .qlora import load_qlora_model
     from .tokenizer import load_tokenizer
 
+    from .lm_spec import lm_spec
+
     lm_path = ensure_language_model(profile)
-    tokenizer = load_tokenizer(lm_path)
+    tokenizer = load_tokenizer(lm_path, lm_spec(profile))
     if projector is None:
         projector, _ = load_projector(ensure_projector(profile))
     for p in projector.parameters():
         p.requires_grad_(True)
-    lm = load_qlora_model(profile, lm_path)          # placed on the profile's device by device_map
+    lm = load_qlora_model(profile, lm_path, tokenizer)   # placed on the profile's device by device_map
     projector.to(profile.runtime.device)
     vlm = VisionLanguageModel(lm, projector, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     return vlm, tokenizer, lm_path
@@ -169,28 +171,49 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
 
 
 def assistant_dir(profile: Profile) -> Path:
-    """``runs/<profile>/assistant/``: the exported standard Llava checkpoint."""
+    """``runs/<profile>/assistant/``: the exported assistant (Llava checkpoint or course folder)."""
     return profile.run_dir / "assistant"
 
 
-def ensure_assistant(profile: Profile) -> Path:
-    """The exported Llava checkpoint of ``profile``; trains stage 2 and exports if missing."""
-    from .export import export_llava
+def export_assistant(profile: Profile) -> Path:
+    """Export stage 2's adapter + projector in the format the LM spec names (``lm.export``).
+
+    ``llava``: a standard transformers Llava checkpoint; ``course``: the course's own folder
+    (an LM whose output head has a bias, e.g. Phi-2). The choice is made from the spec before
+    any weights are loaded.
+    """
+    from .export import export_course, export_llava
+    from .lm_spec import lm_spec
     from .pretrain import ensure_language_model
     from .tokenizer import load_tokenizer
     from .vision import load_vision_tower
 
-    out = assistant_dir(profile)
-    if (out / "config.json").exists():
-        return out
+    spec = lm_spec(profile)
     s2 = stage2_dir(profile)
-    if not (s2 / "adapter" / "adapter_config.json").exists():
-        train_stage2(profile)
     lm_path = ensure_language_model(profile)
     tower, image_processor = load_vision_tower(profile, device="cpu")
-    return export_llava(out, tokenizer=load_tokenizer(lm_path), image_processor=image_processor,
-                        vision_tower=tower, base_lm=lm_path, adapter_dir=s2 / "adapter",
-                        projector=s2 / "projector" / "projector.safetensors")
+    export = export_llava if spec.export == "llava" else export_course
+    return export(assistant_dir(profile), tokenizer=load_tokenizer(lm_path, spec), image_processor=image_processor,
+                  vision_tower=tower, base_lm=lm_path, adapter_dir=s2 / "adapter",
+                  projector=s2 / "projector" / "projector.safetensors",
+                  feature_layer=profile.vision.feature_layer)
+
+
+def assistant_ready(path: Path) -> bool:
+    """True when ``path`` holds a finished export of either format."""
+    from .export import COURSE_MANIFEST
+    return (path / "config.json").is_file() or (path / COURSE_MANIFEST).is_file()
+
+
+def ensure_assistant(profile: Profile) -> Path:
+    """The exported assistant of ``profile``; trains stage 2 and exports if missing."""
+    out = assistant_dir(profile)
+    if assistant_ready(out):
+        return out
+    if not (stage2_dir(profile) / "adapter" / "adapter_config.json").exists():
+        print(f"no stage-2 adapter in {stage2_dir(profile)}: training stage 2 now (notebook 04's step)")
+        train_stage2(profile)
+    return export_assistant(profile)
 
 
 def load_trained_model(profile: Profile):

@@ -97,10 +97,10 @@ def prepare_tokenizer(source: str, out_dir: str | Path, texts: Iterable[str] | N
     return out_dir
 
 
-def add_chat_tokens(tokenizer):
-    """Set pad = eos = ``<|endoftext|>`` where missing and add ``<image>`` as a special token."""
+def add_chat_tokens(tokenizer, eos_token: str = EOS_TOKEN):
+    """Set eos (``eos_token`` where missing) and pad (= eos where missing); add ``<image>`` as a special token."""
     if tokenizer.eos_token is None:
-        tokenizer.eos_token = EOS_TOKEN
+        tokenizer.eos_token = eos_token
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tokenizer.unk_token_id) or \
@@ -110,10 +110,22 @@ def add_chat_tokens(tokenizer):
     return tokenizer
 
 
-def load_tokenizer(path_or_id: str | Path):
-    """``AutoTokenizer`` for a local directory or hub id, with eos/pad and ``<image>`` set up."""
+def load_tokenizer(path_or_id: str | Path, spec=None):
+    """``AutoTokenizer`` for a local directory or hub id, with eos/pad and ``<image>`` set up.
+
+    With an ``LMSpec`` the tokenizer also gets the spec's chat format (its ``chat_template``)
+    and is checked against the spec (``lm_spec.check_tokenizer``): a missing end-of-answer
+    token or a template that tokenizes inconsistently is an error here, before any training.
+    """
     from transformers import AutoTokenizer
 
     offline = os.path.isdir(str(path_or_id))
     tok = AutoTokenizer.from_pretrained(str(path_or_id), local_files_only=offline)
-    return add_chat_tokens(tok)
+    if spec is None:
+        return add_chat_tokens(tok)
+    from .chat import set_format
+    from .lm_spec import check_tokenizer
+
+    set_format(add_chat_tokens(tok, spec.eos_token), spec.format)
+    check_tokenizer(spec, tok)
+    return tok

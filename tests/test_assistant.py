@@ -55,7 +55,7 @@ def test_loads_checkpoint_and_processor(assistant, llava_dir):
     assert assistant.image_token_id == assistant.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     assert assistant.context_length == 256
     assert assistant.image_features(Image.new("RGB", (50, 40), "red")).shape == (16, 32)
-    with pytest.raises(FileNotFoundError, match="no Llava checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no exported assistant"):
         Assistant.from_pretrained(llava_dir / "missing")
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import TINY_N_PATCHES, make_tiny_lm, make_tiny_vision
 
-from capstone_lib.chat import IMAGE_TOKEN, encode_prompt, render_prompt
+from capstone_lib.chat import IMAGE_TOKEN, encode_prompt, format_of, render_prompt
 from capstone_lib.export import ExportError, export_llava, load_adapter_checked, to_llava
 from capstone_lib.mm_model import VisionLanguageModel
 from capstone_lib.projector import build_projector
@@ -81,7 +81,7 @@ def test_export_round_trip_same_greedy_tokens(exported, tiny_tokenizer, tiny_ima
         assert len(ours) >= 4, "the random model stopped at once: the comparison would be too weak"
 
         # the exported model, fed by its own processor from the same prompt text
-        prompt = render_prompt([], f"{IMAGE_TOKEN}\n{QUESTION}", tiny_tokenizer.eos_token)
+        prompt = render_prompt([], f"{IMAGE_TOKEN}\n{QUESTION}", format_of(tiny_tokenizer))
         inputs = processor(images=image, text=prompt, return_tensors="pt")
         assert inputs["input_ids"].tolist() == ids.tolist()
         torch.testing.assert_close(inputs["pixel_values"], pixels)

@@ -188,6 +188,7 @@ def test_conversion_refuses_other_architectures():
 
 
 def test_load_language_model_offline(tmp_path, tok_dir, monkeypatch):
+    from capstone_lib.lm_spec import lm_preset
     from capstone_lib.pretrain import convert_to_hf, ensure_language_model, load_language_model
 
     monkeypatch.setenv("CAPSTONE_RUNS", str(tmp_path / "runs"))
@@ -200,7 +201,9 @@ def test_load_language_model_offline(tmp_path, tok_dir, monkeypatch):
     ids = tok("Instruct: <image>\nWhat?", add_special_tokens=False)["input_ids"]
     assert tok.convert_tokens_to_ids("<image>") in ids
     assert model.get_input_embeddings().num_embeddings == 400      # not resized: <image> fits
-    assert ensure_language_model(get_profile("a100")) == "microsoft/phi-2"
+    assert ensure_language_model(get_profile("a100")) == "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+    assert ensure_language_model(get_profile("t4")) == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    assert ensure_language_model(get_profile("a100", lm=lm_preset("phi-2"))) == "microsoft/phi-2"
 
 
 # ----------------------------------------------------------------------------- LitGPT runs

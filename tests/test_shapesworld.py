@@ -223,7 +223,7 @@ def test_corpus_mixes_captions_chat_and_text(world):
     # the chat docs are rendered by the course template itself
     turns = [{"from": "human", "value": "Scene: a red circle at the top.\nHow many shapes are there?"},
              {"from": "gpt", "value": "one"}]
-    assert "".join(t for t, _ in segments(turns, "<|endoftext|>")) == (
+    assert "".join(t for t, _ in segments(turns)) == (
         "Instruct: Scene: a red circle at the top.\nHow many shapes are there?\nOutput: one<|endoftext|>")
 
 
