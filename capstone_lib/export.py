@@ -149,7 +149,8 @@ def merged_language_model(lm: nn.Module, base_lm: str | Path | nn.Module | None 
     base = _load_causal_lm(base_lm)
     rows = lm.get_input_embeddings().num_embeddings
     if base.get_input_embeddings().num_embeddings != rows:    # training grew it for <image>
-        base.resize_token_embeddings(rows, mean_resizing=False)
+        from .pretrain import grow_embeddings
+        grow_embeddings(base, rows)
     with tempfile.TemporaryDirectory() as tmp:
         lm.save_pretrained(tmp)                     # adapter only: adapter_config.json + safetensors
         return load_adapter_checked(base, tmp).merge_and_unload()

@@ -619,12 +619,29 @@ def fit_embeddings(model, tokenizer) -> bool:
     """Grow the embedding table when the tokenizer's ``<image>`` got an id past it; True if grown.
 
     SmolLM2's 49,152 rows are all in use, so ``<image>`` becomes row 49,152; Phi-2 and Qwen2.5
-    have spare rows. The new row is never read: image patches are written over it.
+    have spare rows. The new row is never read as an input (image patches are written over
+    it); it is zero, so every loader (training, export, the assistant) gets the same model.
     """
-    if max(tokenizer.get_vocab().values()) < model.get_input_embeddings().num_embeddings:
+    rows = max(tokenizer.get_vocab().values()) + 1
+    if rows <= model.get_input_embeddings().num_embeddings:
         return False
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    grow_embeddings(model, rows)
     return True
+
+
+def grow_embeddings(model, rows: int) -> None:
+    """Resize the input (and an untied output) embedding to ``rows``; the added rows are zero."""
+    import torch
+
+    old = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[old:].zero_()
+        head = model.get_output_embeddings()
+        if head is not None:
+            head.weight[old:].zero_()
+            if getattr(head, "bias", None) is not None:
+                head.bias[old:].zero_()
 
 
 def load_language_model(profile: Profile, dtype=None):

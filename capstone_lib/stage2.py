@@ -162,7 +162,8 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     )
     result = trainer.fit(resume=resume)
     if trainer.rank == 0:                       # one writer when several ranks train
-        vlm.lm.save_pretrained(out / "adapter")
+        # The adapter only: a grown embedding (<image>, zero) is rebuilt by every loader.
+        vlm.lm.save_pretrained(out / "adapter", save_embedding_layers=False)
         _, meta = load_projector(ensure_projector(profile))
         save_projector(vlm.projector, {**meta, "stage": 2, "steps": result.step}, out / "projector")
     trainer._barrier()

@@ -112,3 +112,45 @@ def tiny_images():
         ImageDraw.Draw(img).rectangle(box, fill=colour)
         images.append(img)
     return images
+
+
+# ----------------------------------------------------------------------------- a second LM family
+CHATML_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>")
+
+
+def make_chatml_tokenizer():
+    """A byte-level BPE with SmolLM2-Instruct's special tokens: eos = pad = ``<|im_end|>``, plus ``<image>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=list(CHATML_TOKENS[:3]),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    tok.train_from_iterator([line.replace("Instruct: ", "<|im_start|>user\n") for line in tiny_corpus()]
+                            + [system] * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                   bos_token="<|im_start|>", unk_token="<|endoftext|>")
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32):
+    """A 2-layer LlamaForCausalLM with a tied, bias-free head (SmolLM2's architecture), random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def make_tiny_phi(vocab_size: int, seed: int = 0, hidden_size: int = 32):
+    """A 2-layer PhiForCausalLM (Phi-2's architecture: its output head has a bias), random weights."""
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = PhiConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    return PhiForCausalLM(config).eval()
