@@ -166,3 +166,63 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
         rows.append(f"{phase:<18}{r['vqa_accuracy']:>7.3f}{r['caption_accuracy']:>9.3f}"
                     + "".join(f"{r['vqa_by_type'].get(t, float('nan')):>10.3f}" for t in types))
     return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- either data source
+def on_shapesworld(profile) -> bool:
+    """True when the profile trains on ShapesWorld (scene ground truth exists), False on real data."""
+    return profile.data.source == "shapesworld"
+
+
+def evaluate_course(profile, model, tokenizer, val_cache, paths, n_questions: int | None = None,
+                    n_captions: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """The course's held-out evaluation of an in-library model on the profile's data.
+
+    ShapesWorld: question and caption accuracy (``evaluate_shapesworld``). Real data (COCO):
+    BLEU/CIDEr of captions on COCO val and POPE accuracy (random negatives), as ``real_eval``
+    computes them, with the features read from ``val_cache``.
+    """
+    ev = profile.eval
+    n_questions = ev.n_questions if n_questions is None else n_questions
+    n_captions = ev.n_captions if n_captions is None else n_captions
+    if on_shapesworld(profile):
+        return evaluate_shapesworld(model, tokenizer, val_cache, paths, n_questions, n_captions,
+                                    max_new_tokens=ev.max_new_tokens)
+    from .real_eval import build_pope_items, coco_val_records, evaluate_captions, evaluate_pope
+    from .stage2 import image_id_of
+
+    def answer(image: str, question: str) -> str:
+        feats = val_cache.get_batch([image_id_of(image)])[0]
+        long = question == CAPTION_PROMPT
+        return generate_answer(model, tokenizer, feats, f"{IMAGE_TOKEN}\n{question}",
+                               max_new_tokens=ev.max_new_tokens * (2 if long else 1))
+
+    was_training = model.training
+    model.eval()
+    caps = evaluate_captions(answer, coco_val_records(paths), max(2, n_captions), progress=progress)
+    items = build_pope_items(paths.instances_val, max(2, n_questions - n_questions % 2),
+                             seed=profile.runtime.seed)
+    pope = evaluate_pope(answer, items, progress=progress)
+    model.train(was_training)
+    return {"cider": caps["cider"], "bleu4": caps["bleu4"], "n_captions": caps["n_captions"],
+            "pope_accuracy": pope["accuracy"], "pope_f1": pope["f1"], "pope_yes_ratio": pope["yes_ratio"],
+            "n_questions": pope["n"], "caption_examples": caps["caption_examples"],
+            "pope_examples": pope["pope_examples"]}
+
+
+def headline(result: dict[str, Any]) -> tuple[str, float]:
+    """The one number to compare runs by: ShapesWorld VQA accuracy, or POPE accuracy on real data."""
+    if "vqa_accuracy" in result:
+        return "VQA accuracy", float(result["vqa_accuracy"])
+    return "POPE accuracy", float(result["pope_accuracy"])
+
+
+def format_course_results(results: dict[str, dict[str, Any]]) -> str:
+    """``format_results`` for ShapesWorld results; for real-data results a CIDEr / BLEU-4 / POPE table."""
+    if all("vqa_accuracy" in r for r in results.values()):
+        return format_results(results)
+    rows = [f"{'phase':<18}{'CIDEr':>8}{'BLEU-4':>8}{'POPE acc':>10}{'POPE F1':>9}{'yes-ratio':>11}"]
+    for phase, r in results.items():
+        rows.append(f"{phase:<18}{100 * r['cider']:>8.1f}{100 * r['bleu4']:>8.1f}{r['pope_accuracy']:>10.3f}"
+                    f"{r['pope_f1']:>9.3f}{r['pope_yes_ratio']:>11.2f}")
+    return "\n".join(rows)

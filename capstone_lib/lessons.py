@@ -19,14 +19,13 @@ DEFECTS: dict[str, SeedBugs] = {
 
 
 def evaluate_model(profile: Profile, vlm, tokenizer, n_questions: int, n_captions: int) -> dict[str, Any]:
-    """The course's held-out ShapesWorld evaluation for one model."""
-    from .evaluate import evaluate_shapesworld
+    """The course's held-out evaluation for one model (ShapesWorld questions, or COCO captions + POPE)."""
+    from .evaluate import evaluate_course
     from .feature_cache import ensure_feature_cache
-    from .shapesworld import ensure_shapesworld
+    from .real_data import dataset_paths
 
-    return evaluate_shapesworld(vlm, tokenizer, ensure_feature_cache(profile, "val"),
-                                ensure_shapesworld(profile), n_questions, n_captions,
-                                max_new_tokens=profile.eval.max_new_tokens)
+    return evaluate_course(profile, vlm, tokenizer, ensure_feature_cache(profile, "val"),
+                           dataset_paths(profile), n_questions, n_captions)
 
 
 def without_adapter(profile: Profile):

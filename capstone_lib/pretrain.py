@@ -89,6 +89,12 @@ def pretrain_paths(profile: Profile) -> PretrainPaths:
 
 
 # ----------------------------------------------------------------------------- inputs
+def data_root() -> Path:
+    """Where downloads go: ``$CAPSTONE_DATA_DIR`` (e.g. on Google Drive), else the repo's ``data/``."""
+    env = os.environ.get("CAPSTONE_DATA_DIR")
+    return Path(env) if env else REPO_ROOT / "data"
+
+
 def corpus_paths(profile: Profile) -> tuple[Path, Path | None]:
     """``(train, val)`` jsonl corpus: ShapesWorld on cpu/smoke, a RedPajama sample on GPU profiles.
 
@@ -101,23 +107,23 @@ def corpus_paths(profile: Profile) -> tuple[Path, Path | None]:
     if profile.data.redpajama_dir:
         return Path(profile.data.redpajama_dir), None
     p = profile.pretrain
-    return download_redpajama_sample(REPO_ROOT / "data" / "redpajama-sample", p.redpajama_repo,
-                                     p.redpajama_files), None
+    return download_redpajama_sample(data_root() / "redpajama-sample", p.redpajama_repo, p.redpajama_files), None
 
 
 def download_redpajama_sample(dest: str | Path, repo_id: str = "togethercomputer/RedPajama-Data-1T-Sample",
                               files: Sequence[str] | None = None) -> Path:
-    """Download jsonl files of a RedPajama sample into ``dest`` (interrupted downloads resume)."""
+    """Download jsonl files of a RedPajama sample into ``dest`` (interrupted downloads resume).
+
+    With ``files`` named, only those are fetched (no listing call, so a local hub cache works
+    offline); without, every ``.jsonl`` file the dataset lists.
+    """
     from huggingface_hub import hf_hub_download, list_repo_files
 
     dest = Path(dest)
     if files and all((dest / f).is_file() for f in files):
         return dest
-    available = [f for f in list_repo_files(repo_id, repo_type="dataset") if f.endswith(".jsonl")]
-    wanted = list(files) if files else available
-    missing = [f for f in wanted if f not in available]
-    if missing:
-        raise FileNotFoundError(f"{repo_id} has no {missing}; it has {available}")
+    wanted = list(files) if files else [f for f in list_repo_files(repo_id, repo_type="dataset")
+                                        if f.endswith(".jsonl")]
     for name in wanted:
         hf_hub_download(repo_id, name, repo_type="dataset", local_dir=str(dest))
     return dest
@@ -611,6 +617,8 @@ def ensure_language_model(profile: Profile) -> str | Path:
     if hf_complete(paths.hf):
         return paths.hf
     if not (paths.lit / "final" / "lit_model.pth").is_file():
+        print(f"no language model from notebook 01 in {paths.root}: pretraining it now "
+              f"({profile.pretrain.max_tokens:,} tokens; it resumes if interrupted)")
         run_pretraining(profile)
     return export_language_model(profile)
 

@@ -16,7 +16,7 @@ from typing import Any
 from .lm_spec import lm_preset, spec_from_section
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROFILE_NAMES = ("smoke", "cpu", "t4", "a100", "a100x8", "a100x16")
+PROFILE_NAMES = ("smoke", "cpu", "t4", "a100", "a100x8", "a100x16", "t4-rehearsal", "a100-rehearsal")
 
 # ---------------------------------------------------------------------------------
 # Section defaults shared by the small profiles. Every number here is a setting a
@@ -50,7 +50,10 @@ _SHAPES_CPU = dict(
 
 _BASE: dict[str, dict[str, Any]] = {
     "runtime": dict(device="cpu", precision="fp32", num_workers=0, seed=1234,
-                    drive_dir=None, keep_checkpoints=2, allow_skips=False),
+                    drive_dir=None, keep_checkpoints=2, allow_skips=False,
+                    # True only for the rehearsal profiles: random-weight stand-ins at the real
+                    # names, so quality checks that need the real weights are skipped.
+                    rehearsal=False),
     "data": dict(source="shapesworld", shapesworld=_SHAPES_SMOKE, coco_root=None,
                  llava_json=None, llava_images=None, redpajama_dir=None, subset=None),
     "pretrain": dict(
@@ -93,12 +96,14 @@ _BASE: dict[str, dict[str, Any]] = {
         projector="mlp2x_gelu", lr=1e-3, weight_decay=0.0, warmup_ratio=0.03,
         epochs=1, max_steps=4, micro_batch_size=4, grad_accum=2, max_len=96,
         grad_clip=1.0, eval_every=2, save_every=2, n_eval_captions=4,
+        save_every_minutes=None,     # also checkpoint after this many minutes (a Colab disconnect)
     ),
     "stage2": dict(
         quantize_4bit=True, lora_r=8, lora_alpha=16, lora_dropout=0.0,
         lr=2e-3, projector_lr=2e-4, weight_decay=0.0, warmup_ratio=0.03,
         epochs=1, max_steps=4, micro_batch_size=4, grad_accum=2, max_len=128,
         grad_clip=1.0, gradient_checkpointing=False, eval_every=2, save_every=2,
+        save_every_minutes=None,
     ),
     "audio": dict(whisper_model="bundled-tiny.en", device="cpu", compute_type="int8",
                   max_seconds=60.0, backend="faster-whisper",
@@ -167,6 +172,10 @@ _GPU_COMMON = {
     # Real COCO/LLaVA files are known to hold a few unusable records: count and report them.
     "runtime": dict(allow_skips=True),
     "data": dict(source="real", subset=20_000),
+    # Pretraining a Pythia-160M from scratch is the exercise of notebook 01; stages 1-2 then use the
+    # pretrained instruct LM of the `lm` section (a 160M model trained for an hour cannot follow
+    # instructions). c4_sample.jsonl is one 866 MB hub file (hub files download whole); the corpus
+    # reader stops at corpus_max_tokens.
     "pretrain": dict(model_name="pythia-160m", model_config=None,
                      tokenizer="EleutherAI/pythia-160m", max_tokens=50_000_000,
                      micro_batch_size=4, global_batch_size=32, lr=6e-4, min_lr=6e-5,
@@ -174,13 +183,16 @@ _GPU_COMMON = {
                      eval_iters=20, corpus_max_tokens=60_000_000),   # 65k tokens/step, ~760 steps
     "vision": dict(encoder="openai/clip-vit-base-patch32", cache_batch_size=256,
                    cache_dtype="float16"),
-    "stage1": dict(lr=1e-3, max_steps=None, max_len=128, eval_every=500, save_every=500,
-                   n_eval_captions=16),
+    # A stage is ~150-400 optimizer steps here: checkpoint every 50 steps and every 10 minutes,
+    # so a Colab disconnect costs minutes, not the stage (rerun the cell: it resumes).
+    "stage1": dict(lr=1e-3, max_steps=None, max_len=128, eval_every=100, save_every=50,
+                   save_every_minutes=10, n_eval_captions=16),
     "stage2": dict(lora_r=128, lora_alpha=256, lora_dropout=0.05,
                    lr=2e-4, projector_lr=2e-5, max_len=2048, gradient_checkpointing=True,
-                   max_steps=None, eval_every=500, save_every=500),
+                   max_steps=None, eval_every=50, save_every=50, save_every_minutes=10),
     "audio": dict(whisper_model="small", device="cuda", compute_type="float16"),
-    "eval": dict(n_questions=300, n_captions=200, max_new_tokens=64, lesson_steps=500, lesson_questions=100),
+    # 30 lesson steps per defect (4 runs): together about one stage 2 (157 steps on a100).
+    "eval": dict(n_questions=300, n_captions=200, max_new_tokens=64, lesson_steps=30, lesson_questions=100),
 }
 
 _A100 = _merge(_BASE, _merge(_GPU_COMMON, {
@@ -193,7 +205,9 @@ _A100 = _merge(_BASE, _merge(_GPU_COMMON, {
 _T4 = _merge(_BASE, _merge(_GPU_COMMON, {
     "runtime": dict(device="cuda", precision="fp16", num_workers=2),   # no bf16 on a T4
     "lm": lm_preset("smollm2-360m"),
-    "pretrain": dict(precision="32-true"),   # litgpt pretrain accepts bf16-*/32-true only
+    # litgpt pretrain accepts bf16-*/32-true only; fp32 on a T4 runs ~4x slower than bf16 on an
+    # A100, so the T4 pretrains on 10M tokens (~1 h) instead of 50M.
+    "pretrain": dict(precision="32-true", max_tokens=10_000_000, corpus_max_tokens=12_000_000),
     "stage1": dict(micro_batch_size=16, grad_accum=16),     # effective batch 256
     "stage2": dict(micro_batch_size=4, grad_accum=32, max_len=512),
     "audio": dict(whisper_model="base"),
@@ -212,6 +226,33 @@ _A100X16 = _merge(_A100, {  # two nodes x 8 GPUs
     "stage2": dict(micro_batch_size=8, grad_accum=1),       # 16 ranks x 8 = 128
 })
 
+
+
+def _rehearsal(gpu: dict[str, Any]) -> dict[str, Any]:
+    """A GPU profile's code path and settings with only the sizes shrunk and the device set to CPU.
+
+    `make rehearsal` runs every notebook on it against stand-ins at the real names (a local
+    Hugging Face cache and a COCO mirror on 127.0.0.1, built by ``tools/rehearsal.py``).
+    """
+    return _merge(gpu, {
+        "runtime": dict(device="cpu", num_workers=0, rehearsal=True),
+        "data": dict(subset=24, val_subset=10, llava_val_images=4, download_workers=4),
+        "pretrain": dict(model_config=dict(block_size=64, n_layer=2, n_head=2, n_embd=32, intermediate_size=64,
+                                           rotary_percentage=0.25, parallel_residual=True, bias=True,
+                                           vocab_size=50254, padded_vocab_size=50304),
+                         max_tokens=4096, micro_batch_size=2, global_batch_size=4, warmup_steps=2,
+                         save_interval=8, eval_interval=8, log_interval=4, eval_iters=2,
+                         corpus_max_tokens=20_000, devices=1, num_nodes=1),
+        "vision": dict(cache_batch_size=8),
+        "stage1": dict(max_steps=3, micro_batch_size=4, grad_accum=2, eval_every=3, save_every=2,
+                       n_eval_captions=4),
+        "stage2": dict(max_steps=3, micro_batch_size=2, grad_accum=2, max_len=256, eval_every=3, save_every=2,
+                       lora_r=4, lora_alpha=8),
+        "audio": dict(device="cpu", compute_type="int8"),
+        "eval": dict(n_questions=8, n_captions=6, max_new_tokens=8, lesson_steps=2, lesson_questions=6),
+    })
+
+
 _RAW: dict[str, dict[str, Any]] = {
     "smoke": _BASE,
     "cpu": _CPU,
@@ -219,6 +260,8 @@ _RAW: dict[str, dict[str, Any]] = {
     "a100": _A100,
     "a100x8": _A100X8,
     "a100x16": _A100X16,
+    "t4-rehearsal": _rehearsal(_T4),
+    "a100-rehearsal": _rehearsal(_A100),
 }
 
 
@@ -246,13 +289,22 @@ class Profile:
         return copy.deepcopy(self.raw)
 
 
+A100_MIN_GIB = 38.0    # the a100 profile's stage 2 (micro-batch 8 x 2048 tokens) needs an A100-40GB class card
+
+
+def pick_gpu_profile(capability_major: int, memory_gib: float) -> str:
+    """``a100`` for a bf16 card with A100-class memory (A100, H100); ``t4`` otherwise (T4, L4, V100)."""
+    return "a100" if capability_major >= 8 and memory_gib >= A100_MIN_GIB else "t4"
+
+
 def detect_auto() -> str:
-    """Pick ``a100``/``t4`` from the GPU present, else ``cpu``."""
+    """Pick ``a100``/``t4`` from the GPU present (see ``pick_gpu_profile``), else ``cpu``."""
     try:
         import torch
         if torch.cuda.is_available():
             major, _ = torch.cuda.get_device_capability(0)
-            return "a100" if major >= 8 else "t4"
+            memory = torch.cuda.get_device_properties(0).total_memory / 2**30
+            return pick_gpu_profile(major, memory)
     except Exception:  # pragma: no cover - torch missing or broken driver
         pass
     return "cpu"

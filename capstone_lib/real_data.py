@@ -30,7 +30,7 @@ import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -65,6 +65,23 @@ class RealDataSources:
     llava_repo: str = "liuhaotian/LLaVA-Instruct-150K"          # a hub dataset
     llava_file: str = "llava_instruct_150k.json"
     llava_url: str | None = None                                # plain HTTP instead of the hub
+
+    @classmethod
+    def from_env(cls) -> "RealDataSources":
+        """The real sources, or a mirror's: ``$CAPSTONE_REAL_SOURCES`` names a JSON file of these fields.
+
+        The file holds ``annotations``/``train_zip``/``val_zip`` as ``{"url", "md5", "size"}`` and
+        the other fields as values (``tools/rehearsal.py`` writes one for its loopback mirror).
+        """
+        path = os.environ.get("CAPSTONE_REAL_SOURCES")
+        if not path:
+            return cls()
+        data = load_json(Path(path))
+        known = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) - known:
+            raise DataError(f"expected an object with keys from {sorted(known)}", path=path)
+        remotes = {k: Remote(**v) for k, v in data.items() if k in ("annotations", "train_zip", "val_zip")}
+        return cls(**{**data, **remotes})
 
 
 # ----------------------------------------------------------------------------- download
@@ -391,7 +408,7 @@ def ensure_real_data(profile: Any, sources: RealDataSources | None = None, base_
     ``coco_root`` / ``llava_json`` (use files already on disk; nothing is downloaded for them),
     ``download_dir`` (where everything goes).
     """
-    sources = sources or RealDataSources()
+    sources = sources or RealDataSources.from_env()
     base = Path(base_dir) if base_dir else real_data_base(profile)
     with _locked(base / ".lock"):        # several processes (e.g. 8 ranks) fetch once, one at a time
         return _ensure(profile, sources, base, progress)

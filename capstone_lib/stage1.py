@@ -22,8 +22,8 @@ from .batching import collate_padded, shuffled_batches
 from .chat import (CAPTION_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, TemplateError, caption_conversation,
                    encode_conversation)
 from .profiles import Profile
-from .validation import SkipCounter
 from .projector import build_projector
+from .validation import SkipCounter, sample_subset
 
 CAPTION_PROMPTS = (CAPTION_PROMPT, "What is in this picture?", "Give a short caption for the image.",
                    "What do you see?")
@@ -206,8 +206,7 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     val_records = load_coco_captions(paths.coco_root, "val", skips=skips)
     if skips is not None and skips.count:
         print(skips.report())
-    if profile.data.subset:
-        train_records = train_records[:profile.data.subset]
+    train_records = sample_subset(train_records, profile.data.subset, profile.runtime.seed)
     vlm, tokenizer, n_tokens = build_model(profile)
     vlm.allow_image_labels = bool(bugs and bugs.any())   # only the seed-bug lesson
     train_cache = ensure_feature_cache(profile, "train")
@@ -221,6 +220,7 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
                       micro_batch_size=cfg1["micro_batch_size"], grad_accum=cfg1["grad_accum"],
                       grad_clip=cfg1["grad_clip"], precision=profile.runtime.precision,
                       eval_every=cfg1["eval_every"], save_every=cfg1["save_every"],
+                      save_every_minutes=cfg1["save_every_minutes"],
                       keep_last=profile.runtime.keep_checkpoints, seed=profile.runtime.seed,
                       device=profile.runtime.device, num_workers=profile.runtime.num_workers)
     pad = tokenizer.pad_token_id
@@ -256,5 +256,7 @@ def ensure_projector(profile: Profile) -> Path:
     """The stage-1 projector dir; trains it through the library if it is missing."""
     out = projector_dir(profile)
     if not (out / "projector.json").exists():
+        print(f"no projector from notebook 03 in {out}: training stage 1 now ({profile.stage1.max_steps or 'one epoch of'} "
+              "steps; it resumes from its checkpoints if interrupted)")
         train_stage1(profile)
     return out

@@ -17,7 +17,7 @@ from torch import nn
 from .batching import collate_padded, length_grouped_batches
 from .chat import IMAGE_TOKEN, encode_conversation
 from .profiles import Profile
-from .validation import SkipCounter
+from .validation import SkipCounter, sample_subset
 from .stage1 import SeedBugs, apply_seed_bugs, ensure_projector, load_projector, save_projector
 
 
@@ -131,8 +131,7 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     records = load_llava_instruct(paths.llava_train, paths.train_images, skips=skips)
     if skips is not None and skips.count:
         print(skips.report())
-    if profile.data.subset:
-        records = records[:profile.data.subset]
+    records = sample_subset(records, profile.data.subset, profile.runtime.seed)
     data = ConversationDataset(records, tokenizer, n_tokens, s2["max_len"], bugs=bugs)
     val = ConversationDataset(load_llava_instruct(paths.llava_val, paths.val_images)[:64], tokenizer,
                               n_tokens, s2["max_len"])
@@ -144,7 +143,8 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
                       max_steps=s2["max_steps"], epochs=s2["epochs"], micro_batch_size=s2["micro_batch_size"],
                       grad_accum=s2["grad_accum"], grad_clip=s2["grad_clip"],
                       precision=profile.runtime.precision, eval_every=s2["eval_every"],
-                      save_every=s2["save_every"], keep_last=profile.runtime.keep_checkpoints,
+                      save_every=s2["save_every"], save_every_minutes=s2["save_every_minutes"],
+                      keep_last=profile.runtime.keep_checkpoints,
                       seed=profile.runtime.seed, device=profile.runtime.device,
                       num_workers=profile.runtime.num_workers)
     pad = tokenizer.pad_token_id

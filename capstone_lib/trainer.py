@@ -67,6 +67,7 @@ class TrainConfig:
     precision: str = "fp32"          # fp32 | bf16 | fp16 (fp16 uses torch.amp.GradScaler)
     eval_every: int | None = None
     save_every: int | None = None
+    save_every_minutes: float | None = None   # also checkpoint when this much time passed since the last one
     keep_last: int = 2
     seed: int = 1234
     log_every: int = 10
@@ -354,6 +355,16 @@ class Trainer:
         moments = sum(p.numel() * 4 * 2 for p in self.params)
         return int(1.2 * (tensors + moments)) + (1 << 20)
 
+    def _save_due(self, last_save_time: float) -> bool:
+        """True when ``save_every_minutes`` have passed since the last checkpoint (the same on every rank)."""
+        minutes = self.cfg.save_every_minutes
+        if not minutes:
+            return False
+        due = torch.tensor(float(time.perf_counter() - last_save_time >= 60 * minutes), device=self.device)
+        if self.world > 1:          # rank 0's clock decides for all: every rank must enter save()
+            dist.broadcast(due, src=0)
+        return bool(due.item())
+
     def _autocast(self):
         if self.cfg.precision == "fp32":
             return contextlib.nullcontext()
@@ -570,7 +581,7 @@ class Trainer:
                     dist.broadcast(t.data, src=0)
         self._write_metrics(self.history, append=False)
         end = self.total_steps if stop_at_step is None else min(stop_at_step, self.total_steps)
-        last_saved = path
+        last_saved, last_save_time = path, time.perf_counter()
         if self.step >= end:
             self._print(f"already trained to step {self.step}; nothing to do")
             return TrainResult(self.history, self.step, self.total_steps, path, path, self.out_dir)
@@ -601,8 +612,10 @@ class Trainer:
                             self.step % self.cfg.eval_every == 0 or self.step == self.total_steps):
                         record.update(self._evaluate())
                     self.history.append(record)
-                    if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or self.step == end:
+                    if (self.cfg.save_every and self.step % self.cfg.save_every == 0) or self.step == end \
+                            or self._save_due(last_save_time):
                         last_saved = self.save()
+                        last_save_time = time.perf_counter()
                     self._write_metrics([record], append=True)
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{record['lr']:.2e}")

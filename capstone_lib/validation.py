@@ -195,3 +195,13 @@ def validate_llava_record(rec: Any, path: str | Path | None = None,
     turns = validate_conversation(rec["conversations"], path, name, require_image=True)
     return str(rid), image, turns
 
+
+
+def sample_subset(records: list, n: int | None, seed: int) -> list:
+    """``n`` records drawn at random (seeded, in their original order), or all when ``n`` is None or larger."""
+    import random
+
+    if not n or n >= len(records):
+        return list(records)
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]

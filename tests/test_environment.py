@@ -34,3 +34,13 @@ def test_torch_is_pinned_and_never_pulled_unpinned():
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
     for line in (ROOT / "requirements.txt").read_text().splitlines():
         assert not line.strip().startswith(("torch", "torchvision", "torchaudio")), line
+
+
+def test_colab_requirements_are_a_subset_of_the_pins_without_kernel_packages():
+    """Colab installs only what the course needs, at the same pins, never the kernel's own packages."""
+    pins = _reqs((ROOT / "requirements.txt").read_text().splitlines())
+    colab = _reqs((ROOT / "requirements-colab.txt").read_text().splitlines())
+    assert colab and set(colab.items()) <= set(pins.items()), set(colab.items()) - set(pins.items())
+    assert not {"numpy", "ipykernel", "ipywidgets", "matplotlib", "pillow", "tqdm", "torch"} & set(colab)
+    setup = (ROOT / "tools" / "nb.py").read_text()
+    assert "-r requirements-colab.txt" in setup and "-r requirements.txt" not in setup

@@ -21,7 +21,8 @@ and shows it:
 | a different projector at inference | the same module, saved and reloaded |
 
 On the `cpu` profile the LM is the one you pretrained in notebook 01 (built through the library
-if you skipped it) and the images are ShapesWorld; on GPU profiles it is Phi-2 on COCO 2017.
+if you skipped it) and the images are ShapesWorld; on GPU profiles it is the pretrained instruct
+LM the profile's `lm` section names (SmolLM2) on COCO 2017.
 """),
     code("""
 import time
@@ -31,14 +32,16 @@ from IPython.display import HTML, display
 
 from capstone_lib.chat import CAPTION_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, render_supervision
 from capstone_lib.coco import load_coco_captions
-from capstone_lib.evaluate import evaluate_shapesworld, format_results, generate_answer
+from capstone_lib.evaluate import evaluate_course, format_course_results, generate_answer, on_shapesworld
 from capstone_lib.feature_cache import ensure_feature_cache
+from capstone_lib.real_data import dataset_paths
 from capstone_lib.report import StageTimer, record_eval
-from capstone_lib.shapesworld import ensure_shapesworld, show_samples
+from capstone_lib.shapesworld import show_samples
 from capstone_lib.stage1 import CaptionDataset, build_model, train_stage1
 from capstone_lib.trainer import plot_history
 
-paths = ensure_shapesworld(profile)
+on_shapes = on_shapesworld(profile)
+paths = dataset_paths(profile)            # ShapesWorld on cpu/smoke, the COCO 2017 view on GPU profiles
 train_records = load_coco_captions(paths.coco_root, "train")
 val_records = load_coco_captions(paths.coco_root, "val")
 print(f"{len(train_records)} training images with {sum(len(r.captions) for r in train_records)} captions; "
@@ -96,17 +99,17 @@ except ValueError as err:
     md("""
 ## 3. Before training
 With a random projector the LM gets noise where the image should be. We measure the same
-held-out evaluation the course reports at the end (question answering and captions on images
-never seen in training).
+held-out evaluation the course reports at the end, on images never seen in training: on
+ShapesWorld question answering and captions; on COCO, caption BLEU-4/CIDEr and POPE ("Is there a
+dog in the image?", half of them about objects that are not there).
 """),
     code("""
-ev = profile.eval
-before = evaluate_shapesworld(vlm, tokenizer, val_cache, paths, ev.n_questions, ev.n_captions,
-                              max_new_tokens=ev.max_new_tokens)
+before = evaluate_course(profile, vlm, tokenizer, val_cache, paths)
 record_eval(profile, "before_training", {k: v for k, v in before.items() if not k.endswith("examples")})
-print(format_results({"before training": before}))
-print(f"colour+shape pairs its captions state that are in the image: {before['caption_precision']:.2f} "
-      f"(in another image: {before['caption_precision_other_scene']:.2f})")
+print(format_course_results({"before training": before}))
+if on_shapes:
+    print(f"colour+shape pairs its captions state that are in the image: {before['caption_precision']:.2f} "
+          f"(in another image: {before['caption_precision_other_scene']:.2f})")
 for ex in before["caption_examples"][:3]:
     print(" ", ex)
 del vlm
@@ -143,11 +146,10 @@ still rare after stage 1 with a 1M-parameter LM; stage 2 (LoRA on the LM) makes 
 """),
     code("""
 vlm, tokenizer = result["model"], result["tokenizer"]
-after = evaluate_shapesworld(vlm, tokenizer, val_cache, paths, ev.n_questions, ev.n_captions,
-                             max_new_tokens=ev.max_new_tokens)
+after = evaluate_course(profile, vlm, tokenizer, val_cache, paths)
 record_eval(profile, "after_stage1", {k: v for k, v in after.items() if not k.endswith("examples")})
-print(format_results({"before training": before, "after stage 1": after}))
-for name, r in (("before training", before), ("after stage 1", after)):
+print(format_course_results({"before training": before, "after stage 1": after}))
+for name, r in (("before training", before), ("after stage 1", after)) if on_shapes else ():
     print(f"{name:<16} caption colour+shape precision {r['caption_precision']:.2f} "
           f"(another image: {r['caption_precision_other_scene']:.2f}), recall {r['caption_recall']:.2f}")
 

@@ -6,7 +6,7 @@ cells = [
 Stage 1 taught the projector to describe images. Now the model learns to **answer**: we
 fine-tune the language model together with the projector on LLaVA-Instruct-style
 conversations. The LM is loaded in 4-bit NF4 (bitsandbytes) and only small LoRA adapters on
-its attention and MLP projections learn (QLoRA): that is what lets Phi-2 fit a T4.
+its attention and MLP projections learn (QLoRA): that is what lets a 1-3B LM fit a T4.
 
 What the earlier write-ups got wrong, and what this notebook shows instead:
 - they never fed the answer as input (no teacher forcing): here the answer tokens are the input
@@ -23,19 +23,24 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import HTML, display
 
-from capstone_lib.chat import IMAGE_TOKEN, encode_conversation, render_supervision
-from capstone_lib.evaluate import evaluate_shapesworld, format_results
+from capstone_lib.chat import IMAGE_TOKEN, encode_conversation, format_of, render_supervision
+from capstone_lib.coco import load_coco_captions
+from capstone_lib.evaluate import evaluate_course, format_course_results, headline, on_shapesworld
 from capstone_lib.feature_cache import ensure_feature_cache
 from capstone_lib.llava_data import load_llava_instruct
+from capstone_lib.lm_spec import lm_spec
+from capstone_lib.pretrain import ensure_language_model
+from capstone_lib.real_data import dataset_paths
 from capstone_lib.report import StageTimer, load_report, record_eval
-from capstone_lib.shapesworld import ensure_shapesworld
 from capstone_lib.stage1 import ensure_projector
 from capstone_lib.stage2 import ConversationDataset, ensure_assistant, train_stage2
 from capstone_lib.tokenizer import load_tokenizer
-from capstone_lib.pretrain import ensure_language_model
 from capstone_lib.trainer import plot_history
 
-paths = ensure_shapesworld(profile)
+on_shapes = on_shapesworld(profile)
+spec = lm_spec(profile)               # the LM's identity: weights, chat format, EOS, LoRA targets, export
+print(f"LM: {spec.hub_id or 'the model you pretrained in notebook 01'} ({spec.chat_format} format; {spec.why})")
+paths = dataset_paths(profile)        # ShapesWorld on cpu/smoke, COCO + LLaVA-Instruct on GPU profiles
 ensure_projector(profile)            # notebook 03's projector (trained now if you skipped 03)
 records = load_llava_instruct(paths.llava_train, paths.train_images)
 val_cache = ensure_feature_cache(profile, "val")
@@ -45,11 +50,15 @@ print(json.dumps(records[0].conversations, indent=1)[:600])
 """),
     md("""
 ## 1. One template, every turn supervised
-The course renders every conversation with one template (Phi-2's `Instruct: ... Output: ...`),
-in training and at inference. Human turns are grey (masked), answers and their EOS green.
+The course renders every conversation with one template, in training and at inference: the
+format the LM spec names (`instruct`, Phi-2's `Instruct: ... Output: ...`, for the LM of notebook
+01; `chatml`, SmolLM2's own `<|im_start|>user ... <|im_end|>`, on GPU profiles). The exported
+processor carries the same template, generated from the same strings. Human turns are grey
+(masked), answers and their end-of-answer token green.
 """),
     code("""
-tokenizer = load_tokenizer(ensure_language_model(profile))
+tokenizer = load_tokenizer(ensure_language_model(profile), spec)     # checked against the spec
+print("chat format:", format_of(tokenizer).name, "| answers end with", repr(tokenizer.eos_token))
 enc = encode_conversation(tokenizer, records[0].conversations, n_tokens, profile.stage2.max_len)
 display(HTML(render_supervision(tokenizer, enc.input_ids, enc.labels)))
 n_answers = sum(1 for t in records[0].conversations if t["from"] == "gpt")
@@ -57,9 +66,11 @@ supervised_eos = sum(1 for t, l in zip(enc.input_ids, enc.labels) if l == tokeni
 assert supervised_eos == n_answers, "every answer must end with a supervised EOS"
 
 # Too long for the context? Whole turns are dropped from the end, never half a turn.
-short = encode_conversation(tokenizer, records[0].conversations, n_tokens, max_len=n_tokens + 30)
-print(f"kept {short.turns_kept} of {short.turns_total} turns at max_len={n_tokens + 30}")
-assert short.turns_kept % 2 == 0
+first_pair = encode_conversation(tokenizer, records[0].conversations[:2], n_tokens, max_len=10**6)
+limit = len(first_pair.input_ids) + 5           # room for the first exchange only
+short = encode_conversation(tokenizer, records[0].conversations, n_tokens, max_len=limit)
+print(f"kept {short.turns_kept} of {short.turns_total} turns at max_len={limit}")
+assert short.turns_kept == 2 and short.input_ids == first_pair.input_ids
 """),
     md("""
 ## 2. Train: 4-bit base + LoRA + projector
@@ -93,26 +104,36 @@ Questions about images the model never saw (asked of the merged model that we sh
 number words) before matching. The report keeps all three phases.
 """),
     code("""
-ev = profile.eval
 with StageTimer(profile, "eval") as t:
-    final = evaluate_shapesworld(vlm, tokenizer, val_cache, paths, ev.n_questions, ev.n_captions,
-                                 max_new_tokens=ev.max_new_tokens)
+    final = evaluate_course(profile, vlm, tokenizer, val_cache, paths)
 scores = {k: v for k, v in final.items() if not k.endswith("examples")}
 record_eval(profile, "after_stage2", scores)
 report = record_eval(profile, "final", scores)
 phases = report["eval"]["phases"]
-print(format_results({"before training": phases.get("before_training", final),
-                      "after stage 1": phases.get("after_stage1", final), "after stage 2": final}))
-for ex in final["vqa_examples"][:8]:
+print(format_course_results({"before training": phases.get("before_training", final),
+                             "after stage 1": phases.get("after_stage1", final), "after stage 2": final}))
+name, value = headline(final)
+print(f"{name} after stage 2: {value:.3f}")
+if not on_shapes:                     # COCO: POPE answers and captions next to their references
+    for ex in final["pope_examples"][:4] + final["caption_examples"][:2]:
+        print(" ", ex)
+for ex in final.get("vqa_examples", [])[:8]:
     print(f"  {'OK ' if ex['ok'] else 'BAD'} Q: {ex['question']:<42} A: {ex['prediction']!r:<16} ref: {ex['answer']!r}")
 
-types = sorted(final["vqa_by_type"])
 plt.figure(figsize=(7, 3))
-for i, (name, key) in enumerate([("before training", "before_training"), ("after stage 1", "after_stage1")]):
-    if key in phases:
-        plt.bar([j + i * 0.27 for j in range(len(types))], [phases[key]["vqa_by_type"][t] for t in types], 0.27, label=name)
-plt.bar([j + 0.54 for j in range(len(types))], [final["vqa_by_type"][t] for t in types], 0.27, label="after stage 2")
-plt.xticks([j + 0.27 for j in range(len(types))], types); plt.ylabel("accuracy"); plt.legend(); plt.show()
+shown = [(label, phases[key]) for label, key in (("before training", "before_training"),
+                                                 ("after stage 1", "after_stage1")) if key in phases]
+shown.append(("after stage 2", final))
+if on_shapes:                         # accuracy per question type, per phase
+    types = sorted(final["vqa_by_type"])
+    for i, (label, r) in enumerate(shown):
+        plt.bar([j + i * 0.27 for j in range(len(types))], [r["vqa_by_type"][t] for t in types], 0.27, label=label)
+    plt.xticks([j + 0.27 for j in range(len(types))], types); plt.ylabel("accuracy")
+else:                                 # POPE accuracy and CIDEr per phase
+    for i, (label, r) in enumerate(shown):
+        plt.bar([i * 0.27, 1 + i * 0.27], [r["pope_accuracy"], r["cider"]], 0.27, label=label)
+    plt.xticks([0.27, 1.27], ["POPE accuracy", "CIDEr (x1)"])
+plt.legend(); plt.show()
 
 if profile.name == "cpu":
     assert final["n_questions"] >= 200
@@ -189,25 +210,46 @@ The LoRA is merged into a full-precision copy of the base LM, the projector beco
 multimodal projector, and the vision tower and processor (image processor, tokenizer, chat
 template with the image token) are saved next to them, all in safetensors. Anyone can load it
 with plain transformers, no code from this course.
+
+One LM cannot be saved that way: Phi-2's output head adds a bias to every logit, and Llava's
+`lm_head` has none (no exact fold of the bias into the weights exists). With `lm=lm_preset("phi-2")`
+the assistant is saved in the course's own folder instead (`language_model/`, `vision_tower/`,
+`projector.safetensors`, each in its standard transformers form), which `Assistant` and the app
+load. The LM spec's `export` setting decides, before any weights are loaded.
 """),
     code("""
 with StageTimer(profile, "export"):
     assistant_path = ensure_assistant(profile)
-print(sorted(p.name for p in assistant_path.iterdir()))
+print(f"{spec.export} export:", sorted(p.name for p in assistant_path.iterdir()))
 
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+from capstone_lib.assistant import Assistant
 from capstone_lib.evaluate import generate_answer
+from capstone_lib.vision import load_vision_tower, vision_features
 
-q = json.loads(paths.eval_questions.read_text())[0]
-image = Image.open(paths.root / q["image"])
-pipe = pipeline("image-text-to-text", model=str(assistant_path))
-messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": q["question"]}]}]
-out = pipe(text=messages, max_new_tokens=16, do_sample=False, return_full_text=False)
-exported_answer = out[0]["generated_text"].strip()
-library_answer = generate_answer(vlm, tokenizer, val_cache.get_batch([q["image_id"]])[0],
-                                 f"{IMAGE_TOKEN}\\n{q['question']}", max_new_tokens=16)
-print(f"Q: {q['question']}  exported: {exported_answer!r}  in-library: {library_answer!r}  truth: {q['answer']!r}")
+if on_shapes:
+    q = json.loads(paths.eval_questions.read_text())[0]
+    image_path, question, truth = paths.root / q["image"], q["question"], q["answer"]
+else:                                 # a held-out COCO photo
+    rec = load_coco_captions(paths.coco_root, "val")[0]
+    image_path, question, truth = rec.path, "What is in the image?", rec.captions[0]
+image = Image.open(image_path).convert("RGB")
+if spec.export == "llava":            # plain transformers: no code from this course
+    from transformers import pipeline
+    pipe = pipeline("image-text-to-text", model=str(assistant_path))
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    out = pipe(text=messages, max_new_tokens=16, do_sample=False, return_full_text=False)
+    exported_answer = out[0]["generated_text"].strip()
+else:                                 # the course's folder, through the course's loader
+    exported_answer = Assistant.from_pretrained(assistant_path, transcriber=None).ask(image, question,
+                                                                                     max_new_tokens=16)
+# The in-library model (stage 2's own loader), fed the same image through the same fp32 tower.
+tower, image_processor = load_vision_tower(profile, device="cpu")
+with torch.no_grad():
+    pixels = image_processor(images=image, return_tensors="pt")["pixel_values"]
+    feats = vision_features(tower, pixels, layer=profile.vision.feature_layer)[0]
+library_answer = generate_answer(vlm, tokenizer, feats, f"{IMAGE_TOKEN}\\n{question}", max_new_tokens=16)
+print(f"Q: {question}  exported: {exported_answer!r}  in-library: {library_answer!r}  truth: {truth!r}")
 plt.imshow(image); plt.axis("off"); plt.show()
 assert exported_answer == library_answer
 """),

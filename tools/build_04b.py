@@ -17,31 +17,32 @@ The switches live in `capstone_lib.stage1.SeedBugs` and default to off; they exi
 """),
     code("""
 import matplotlib.pyplot as plt
-from capstone_lib.evaluate import format_results
+from capstone_lib.evaluate import format_course_results, headline
 from capstone_lib.lessons import run_lessons
 from capstone_lib.report import StageTimer, load_report
 
 steps, n_q = profile.eval.lesson_steps, profile.eval.lesson_questions     # set per profile
 with StageTimer(profile, "lessons") as t:
     rows = run_lessons(profile, steps=steps, n_questions=n_q, n_captions=n_q // 2)
-    t.metrics = {k: {"vqa_accuracy": v["vqa_accuracy"], "caption_accuracy": v["caption_accuracy"]}
-                 for k, v in rows.items()}
+    keys = ("vqa_accuracy", "caption_accuracy", "pope_accuracy", "cider")    # ShapesWorld or COCO
+    t.metrics = {k: {key: v[key] for key in keys if key in v} for k, v in rows.items()}
 print(f"{steps} stage-2 steps each, {n_q} held-out questions")
-print(format_results(rows))
+print(format_course_results(rows))
 """),
     code("""
 names = list(rows)
+metric = headline(rows[names[0]])[0]          # VQA accuracy (ShapesWorld) or POPE accuracy (COCO)
 fig, ax = plt.subplots(figsize=(8, 3))
-ax.barh(names, [rows[n]["vqa_accuracy"] for n in names], color=["tab:green"] + ["tab:red"] * (len(names) - 1))
-ax.set_xlabel("held-out question accuracy"); ax.invert_yaxis(); ax.set_xlim(0, 1)
+ax.barh(names, [headline(rows[n])[1] for n in names], color=["tab:green"] + ["tab:red"] * (len(names) - 1))
+ax.set_xlabel(f"held-out {metric}"); ax.invert_yaxis(); ax.set_xlim(0, 1)
 plt.show()
 for name in names:
-    ex = rows[name]["vqa_examples"][0]
+    ex = (rows[name].get("vqa_examples") or rows[name]["pope_examples"])[0]
     print(f"{name:<20} Q: {ex['question']!r:<40} -> {ex['prediction']!r}  (truth {ex['answer']!r})")
 """),
     code("""
 final = load_report(profile)["eval"]          # the full course model from notebook 04
-print(f"full course model (notebook 04): VQA {final['vqa_accuracy']:.3f}")
+print("full course model (notebook 04): %s %.3f" % headline(final))
 if profile.name == "cpu":
     good = rows["correct recipe"]["vqa_accuracy"]
     # Same slice, one defect: feeding no answer as input must cost accuracy; so must running

@@ -16,20 +16,26 @@ import nbformat
 REPO_URL = "https://github.com/capstone-course/multimodal-gpt"
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
-SETUP = '''# Setup (one cell). On Colab: clone the course and install capstone_lib with its pins,
-# keeping Colab's own CUDA torch (a constraint holds it). Locally `make course` did this already.
+SETUP = '''# Setup (one cell). On Colab: clone the course and install what it needs on top of Colab's own
+# packages (requirements-colab.txt: never numpy or the kernel's packages; Colab's CUDA torch is held
+# by a constraint), then keep runs/ (checkpoints, caches) and the downloaded data on Google Drive,
+# so a new runtime resumes where the last one stopped. CAPSTONE_DRIVE=0 keeps them on the runtime.
+# Locally `make course` did all this already.
 import os, subprocess, sys
-if "google.colab" in sys.modules and not os.path.isdir("/content/multimodal-gpt"):
-    subprocess.run(
-        "git clone -q {repo} /content/multimodal-gpt && cd /content/multimodal-gpt && "
-        "python -c 'import torch; print(\\"torch==\\" + torch.__version__)' > /tmp/torch-pin.txt && "
-        "pip install -q -c /tmp/torch-pin.txt -r requirements.txt && pip install -q --no-deps -e .",
-        shell=True, check=True)
+if "google.colab" in sys.modules:
+    if not os.path.isdir("/content/multimodal-gpt"):
+        subprocess.run(
+            "git clone -q {repo} /content/multimodal-gpt && cd /content/multimodal-gpt && "
+            "python -c 'import torch; print(\\"torch==\\" + torch.__version__)' > /tmp/torch-pin.txt && "
+            "pip install -c /tmp/torch-pin.txt -r requirements-colab.txt && pip install -q --no-deps -e .",
+            shell=True, check=True)
     sys.path.insert(0, "/content/multimodal-gpt")
     os.chdir("/content/multimodal-gpt/notebooks")
-    # Keep runs/ (checkpoints, caches) on Google Drive so a recycled runtime loses nothing:
-    # from google.colab import drive; drive.mount("/content/drive")
-    # os.environ["CAPSTONE_RUNS"] = "/content/drive/MyDrive/capstone-runs"
+    if os.environ.get("CAPSTONE_DRIVE", "1") != "0":
+        from google.colab import drive
+        drive.mount("/content/drive")
+        os.environ.setdefault("CAPSTONE_RUNS", "/content/drive/MyDrive/capstone/runs")
+        os.environ.setdefault("CAPSTONE_DATA_DIR", "/content/drive/MyDrive/capstone/data")
 
 from capstone_lib import get_profile
 profile = get_profile()          # CAPSTONE_PROFILE: smoke | cpu | t4 | a100 | auto (default)
