@@ -396,6 +396,9 @@ def ensure_feature_cache(profile: Profile, split: str, vision=None) -> FeatureCa
     items = [(r.image_id, r.path) for r in records]
     kwargs = dict(layer=v.feature_layer, drop_cls=v.drop_cls, batch_size=v.cache_batch_size,
                   dtype=getattr(v, "cache_dtype", "float32"), skips=skips)
+    if rank == 0 and not (feature_cache_dir(profile, split) / "meta.json").is_file():
+        from .plan import plan_features
+        print(plan_features(profile, len(items), model.config))
     if world > 1:
         return build_feature_cache_sharded(model, processor, items, feature_cache_dir(profile, split),
                                            rank, world, **kwargs)

@@ -293,6 +293,11 @@ def run_pretraining(profile: Profile, max_tokens: int | None = None, resume: boo
         return PretrainResult(paths.lit, final.parent, 0.0, None, summary.get("initial_val_loss"),
                               summary.get("final_val_loss"), skipped=True, command=cmd)
     prepare_corpus(profile, train, val, tok_dir)
+    if verbose != "none":
+        from .plan import plan_pretraining
+        config = lit_config(profile)
+        n_params = config.n_layer * 12 * config.n_embd ** 2 + 2 * config.padded_vocab_size * config.n_embd
+        print(plan_pretraining(profile, n_params, int(max_tokens or profile.pretrain.max_tokens)))
     if not resume:
         shutil.rmtree(paths.lit, ignore_errors=True)
         summary = {}

@@ -196,10 +196,12 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     """Train the projector from the profile; save it to ``runs/<p>/projector/``; return a summary."""
     from .coco import load_coco_captions
     from .feature_cache import ensure_feature_cache
+    from .plan import find_device, plan_training
     from .real_data import dataset_paths
     from .trainer import TrainConfig, Trainer
 
     cfg1 = {**vars(profile.stage1), **overrides}
+    find_device(profile)                  # a profile this machine cannot run stops here, before any loading
     paths = dataset_paths(profile)
     skips = SkipCounter() if profile.runtime.allow_skips else None
     train_records = load_coco_captions(paths.coco_root, "train", skips=skips)
@@ -234,6 +236,12 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
                                                          profile.runtime.seed, epoch),
         state_filter=lambda name: name.startswith("projector."),
     )
+    plan = plan_training(profile, "stage1", len(data), sum(len(x["input_ids"]) for x in data.samples) / len(data),
+                         vlm.lm.config, cfg.micro_batch_size, cfg.micro_batch_size * cfg.grad_accum * trainer.world,
+                         cfg1["max_len"], trainer.total_steps,
+                         trainable_params=sum(p.numel() for p in vlm.projector.parameters()))
+    if trainer.rank == 0:
+        print(plan.check())
     result = trainer.fit(resume=resume)
     meta = {"kind": cfg1["projector"], "vision_dim": train_cache.feature_shape[1],
             "text_dim": vlm.lm.config.hidden_size, "n_image_tokens": n_tokens,

@@ -116,11 +116,13 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     """Train LoRA + projector from the profile; save adapter and projector; return a summary."""
     from .feature_cache import ensure_feature_cache
     from .llava_data import load_llava_instruct
+    from .plan import find_device, plan_training
     from .qlora import lora_parameters
     from .real_data import dataset_paths
     from .trainer import TrainConfig, Trainer
 
     s2 = {**vars(profile.stage2), **overrides}
+    find_device(profile)                  # a profile this machine cannot run stops here, before any loading
     paths = dataset_paths(profile)
     train_cache = ensure_feature_cache(profile, "train")
     val_cache = ensure_feature_cache(profile, "val")
@@ -160,6 +162,12 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
                                                                profile.runtime.seed, epoch),
         state_filter=lambda name: "lora_" in name or name.startswith("projector."),
     )
+    plan = plan_training(profile, "stage2", len(data), sum(lengths) / len(lengths), vlm.lm.config,
+                         cfg.micro_batch_size, cfg.micro_batch_size * cfg.grad_accum * trainer.world, s2["max_len"],
+                         trainer.total_steps, trainable_params=sum(p.numel() for g in groups for p in g["params"]),
+                         quantize_4bit=s2["quantize_4bit"], checkpointing=s2["gradient_checkpointing"])
+    if trainer.rank == 0:
+        print(plan.check())
     result = trainer.fit(resume=resume)
     if trainer.rank == 0:                       # one writer when several ranks train
         # The adapter only: a grown embedding (<image>, zero) is rebuilt by every loader.
