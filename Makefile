@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.capstone-installed
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export TORCHDYNAMO_DISABLE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-.PHONY: setup course test unit notebooks-smoke notebooks-cpu bench clean
+.PHONY: setup course test unit notebooks-smoke notebooks-cpu rehearsal bench clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,8 @@ course: setup
 	CAPSTONE_PROFILE=cpu $(PY) -m capstone_lib.course --profile cpu
 
 # Unit tests (smoke-size, fast), then every notebook under nbmake on smoke and on cpu
-# (the cpu run asserts the learning thresholds).
-test: setup unit notebooks-smoke notebooks-cpu
+# (the cpu run asserts the learning thresholds), then on both rehearsal profiles.
+test: setup unit notebooks-smoke notebooks-cpu rehearsal
 
 unit: setup
 	$(PY) -m pytest -q tests
@@ -36,6 +36,22 @@ notebooks-smoke: setup
 
 notebooks-cpu: setup
 	CAPSTONE_PROFILE=cpu $(PY) -m pytest -q --nbmake notebooks
+
+# The t4/a100 profiles' code path on CPU, offline: stand-ins at the real hub names (a local
+# Hugging Face cache) and COCO 2017 served on 127.0.0.1 (tools/rehearsal.py), then every notebook
+# under nbmake on t4-rehearsal and a100-rehearsal. Downloads go to $(REHEARSAL)/data, runs to runs/.
+REHEARSAL ?= $(CURDIR)/runs/rehearsal-standins
+rehearsal: setup
+	$(PY) tools/rehearsal.py prepare $(REHEARSAL)
+	rm -f $(REHEARSAL)/port
+	$(PY) tools/rehearsal.py serve $(REHEARSAL) --port-file $(REHEARSAL)/port & server=$$!; \
+	trap "kill $$server" EXIT; \
+	for i in $$(seq 100); do test -s $(REHEARSAL)/port && break; sleep 0.2; done; \
+	eval "$$($(PY) tools/rehearsal.py env $(REHEARSAL))"; \
+	export CAPSTONE_DATA_DIR=$(REHEARSAL)/data; \
+	for p in t4-rehearsal a100-rehearsal; do \
+		CAPSTONE_PROFILE=$$p $(PY) -m pytest -q --nbmake notebooks || exit 1; \
+	done
 
 bench: setup
 	$(PY) -m capstone_lib.bench

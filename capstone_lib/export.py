@@ -117,7 +117,7 @@ def load_adapter_checked(base_model: nn.Module, adapter_dir: str | Path, is_trai
     model = PeftModel.from_pretrained(base_model, str(adapter_dir), is_trainable=is_trainable)
 
     # Every tensor in the file must now be in the model, with the same values.
-    loaded = get_peft_model_state_dict(model)
+    loaded = get_peft_model_state_dict(model, save_embedding_layers=False)
     for key, saved in weights.items():
         if key not in loaded:
             raise ExportError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {key} was not loaded into the model")
