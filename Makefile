@@ -38,8 +38,9 @@ notebooks-cpu: setup
 	CAPSTONE_PROFILE=cpu $(PY) -m pytest -q --nbmake notebooks
 
 # The t4/a100 profiles' code path on CPU, offline: stand-ins at the real hub names (a local
-# Hugging Face cache) and COCO 2017 served on 127.0.0.1 (tools/rehearsal.py), then every notebook
-# under nbmake on t4-rehearsal and a100-rehearsal. Downloads go to $(REHEARSAL)/data, runs to runs/.
+# Hugging Face cache, and the Hub's download API emulated on 127.0.0.1 for downloads into a folder)
+# and COCO 2017 served on 127.0.0.1 (tools/rehearsal.py), then every notebook under nbmake on
+# t4-rehearsal and a100-rehearsal. Downloads go to $(REHEARSAL)/data, runs to runs/<profile>/.
 REHEARSAL ?= $(CURDIR)/runs/rehearsal-standins
 rehearsal: setup
 	$(PY) tools/rehearsal.py prepare $(REHEARSAL)
@@ -47,7 +48,7 @@ rehearsal: setup
 	$(PY) tools/rehearsal.py serve $(REHEARSAL) --port-file $(REHEARSAL)/port & server=$$!; \
 	trap "kill $$server" EXIT; \
 	for i in $$(seq 100); do test -s $(REHEARSAL)/port && break; sleep 0.2; done; \
-	eval "$$($(PY) tools/rehearsal.py env $(REHEARSAL))"; \
+	eval "$$($(PY) tools/rehearsal.py env $(REHEARSAL) --endpoint $$(cat $(REHEARSAL)/port))"; \
 	export CAPSTONE_DATA_DIR=$(REHEARSAL)/data; \
 	for p in t4-rehearsal a100-rehearsal; do \
 		CAPSTONE_PROFILE=$$p $(PY) -m pytest -q --nbmake notebooks || exit 1; \

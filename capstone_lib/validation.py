@@ -196,7 +196,6 @@ def validate_llava_record(rec: Any, path: str | Path | None = None,
     return str(rid), image, turns
 
 
-
 def sample_subset(records: list, n: int | None, seed: int) -> list:
     """``n`` records drawn at random (seeded, in their original order), or all when ``n`` is None or larger."""
     import random

@@ -27,6 +27,7 @@ instead (2.7B parameters, pretrained on 1.4T tokens, far beyond a course budget)
 `pythia-160m` here shows the process and what more compute would buy.
 """),
     code("""
+import itertools
 import json
 import math
 import matplotlib.pyplot as plt
@@ -64,15 +65,19 @@ gives an LM that reads worded scenes better and a projector (notebook 03) that g
 better, but after stage 2 (notebook 04) it answers *fewer* held-out questions (0.83 against
 0.89-0.90); half as long (300k) collapses (0.67). Real text (RedPajama) is full of such
 dependencies already.
+
+On the GPU profiles the corpus is three files of the RedPajama sample on the hub (c4, wikipedia,
+stackexchange). A hub file downloads whole: `c4_sample.jsonl` alone is 866 MB, of which the
+reader uses only the first `pretrain.corpus_max_tokens` (60M tokens, about 240 MB of text; 12M on
+the T4). With Drive mounted (the setup cell), it is downloaded once, into `CAPSTONE_DATA_DIR`.
 """),
     code("""
 train_path, val_path = corpus_paths(profile)
 print("train:", train_path, "\\nval:  ", val_path or "held out from the training files")
 first = train_path if train_path.is_file() else sorted(train_path.glob("*.jsonl"))[0]
-with open(first, encoding="utf-8") as f:
-    for _, line in zip(range(3), f):
-        doc = json.loads(line)
-        print(f"- [{doc['meta'].get('source', '?')}] {doc['text'][:230]!r}")
+with open(first, encoding="utf-8") as f:                      # the first 3 documents (blank lines skipped)
+    for doc in itertools.islice((json.loads(line) for line in f if line.strip()), 3):
+        print(f"- [{(doc.get('meta') or {}).get('source', first.stem)}] {doc['text'][:230]!r}")
 """),
     md("""
 A bad line is an error that names the file and line (`file.jsonl:17: not JSON ...`), an empty
