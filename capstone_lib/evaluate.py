@@ -7,7 +7,6 @@ position) are exactly the scene's objects.
 from __future__ import annotations
 
 import json
-import re
 import string
 from collections import defaultdict
 from pathlib import Path

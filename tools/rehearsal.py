@@ -189,7 +189,6 @@ def smollm2_tokenizer_dir(downloads: Path) -> Path:
     tokens, merges = strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges")
     types = [int(reader.fields["tokenizer.ggml.token_type"].parts[i][0])
              for i in reader.fields["tokenizer.ggml.token_type"].data]
-    del reader
     if len(tokens) != 49152 or tokens[:3] != ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]:
         raise RuntimeError(f"unexpected SmolLM2 vocabulary in {gguf}: {len(tokens)} tokens")
     special = [i for i, t in enumerate(types) if t == 3]          # control tokens: ids 0..16
@@ -390,14 +389,6 @@ def _zip(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_coco_mirror(root: Path, n_train: int = 40, n_val: int = 16, seed: int = 0) -> Path:
     """COCO 2017's download layout (zips, single images, annotations zip) from ShapesWorld, under ``root/mirror``."""
     from capstone_lib.real_eval import shapesworld_instances
@@ -430,8 +421,10 @@ def build_coco_mirror(root: Path, n_train: int = 40, n_val: int = 16, seed: int 
 
 def write_sources(root: Path, base_url: str) -> Path:
     """``root/sources.json`` (``RealDataSources`` fields) for the mirror served at ``base_url``."""
+    from capstone_lib.real_data import file_digest
+
     mirror = Path(root) / "mirror"
-    remote = {k: {"url": f"{base_url}/{p}", "md5": _md5(mirror / p), "size": (mirror / p).stat().st_size}
+    remote = {k: {"url": f"{base_url}/{p}", "md5": file_digest(mirror / p), "size": (mirror / p).stat().st_size}
               for k, p in (("annotations", "annotations/annotations_trainval2017.zip"),
                            ("train_zip", "zips/train2017.zip"), ("val_zip", "zips/val2017.zip"))}
     data = {**remote, "image_base_url": base_url, "llava_repo": LLAVA_ID, "llava_file": LLAVA_FILE, "llava_url": None}
