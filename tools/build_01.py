@@ -97,7 +97,10 @@ sample = "Instruct: <image>\\nWhat colour is the circle?\\nOutput: red<|endoftex
 ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
 print(f"{len(tokenizer)} tokens in the vocabulary; {len(sample)} characters -> {len(ids)} tokens")
 print(tokenizer.convert_ids_to_tokens(ids))
-assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == tokenizer.eos_token
+print("eos:", tokenizer.eos_token, "| pad:", tokenizer.pad_token)   # Pythia's hub tokenizer pads with <|padding|>
+assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token is not None
+if on_shapes:                       # the course's own BPE pads with its only end token
+    assert tokenizer.pad_token == tokenizer.eos_token
 assert tokenizer.convert_tokens_to_ids("<image>") in ids
 """),
     md("""

@@ -224,7 +224,8 @@ print(f"{spec.export} export:", sorted(p.name for p in assistant_path.iterdir())
 
 from PIL import Image
 from capstone_lib.assistant import Assistant
-from capstone_lib.evaluate import generate_answer
+from capstone_lib.chat import encode_prompt
+from capstone_lib.generate import stream_generate
 from capstone_lib.vision import load_vision_tower, vision_features
 
 if on_shapes:
@@ -234,24 +235,40 @@ else:                                 # a held-out COCO photo
     rec = load_coco_captions(paths.coco_root, "val")[0]
     image_path, question, truth = rec.path, "What is in the image?", rec.captions[0]
 image = Image.open(image_path).convert("RGB")
-if spec.export == "llava":            # plain transformers: no code from this course
-    from transformers import pipeline
-    pipe = pipeline("image-text-to-text", model=str(assistant_path))
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-    out = pipe(text=messages, max_new_tokens=16, do_sample=False, return_full_text=False)
-    exported_answer = out[0]["generated_text"].strip()
-else:                                 # the course's folder, through the course's loader
-    exported_answer = Assistant.from_pretrained(assistant_path, transcriber=None).ask(image, question,
-                                                                                     max_new_tokens=16)
-# The in-library model (stage 2's own loader), fed the same image through the same fp32 tower.
+plt.imshow(image); plt.axis("off"); plt.show()
+
+# The in-library model (stage 2's own loader), fed the image through the fp32 tower: greedy tokens.
 tower, image_processor = load_vision_tower(profile, device="cpu")
 with torch.no_grad():
     pixels = image_processor(images=image, return_tensors="pt")["pixel_values"]
-    feats = vision_features(tower, pixels, layer=profile.vision.feature_layer)[0]
-library_answer = generate_answer(vlm, tokenizer, feats, f"{IMAGE_TOKEN}\\n{question}", max_new_tokens=16)
-print(f"Q: {question}  exported: {exported_answer!r}  in-library: {library_answer!r}  truth: {truth!r}")
-plt.imshow(image); plt.axis("off"); plt.show()
-assert exported_answer == library_answer
+    feats = vision_features(tower, pixels, layer=profile.vision.feature_layer)
+    ids = encode_prompt(tokenizer, [], f"{IMAGE_TOKEN}\\n{question}", feats.shape[1])
+    library_tokens = list(stream_generate(vlm, vlm.embed(torch.tensor([ids]), image_features=feats),
+                                          eos_token_id=tokenizer.eos_token_id, max_new_tokens=16))
+library_answer = tokenizer.decode(library_tokens, skip_special_tokens=True).strip()
+
+messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+if spec.export == "llava":            # plain transformers: no code from this course
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+    processor = AutoProcessor.from_pretrained(assistant_path)
+    model = AutoModelForImageTextToText.from_pretrained(assistant_path).eval()
+    inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                       return_tensors="pt")
+    assert inputs["input_ids"][0].tolist() == ids, "the exported template must render the training prompt"
+    exported_tokens = model.generate(**inputs, max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    pipe = pipeline("image-text-to-text", model=str(assistant_path))
+    out = pipe(text=messages, max_new_tokens=16, do_sample=False, return_full_text=False)
+    exported_answer = out[0]["generated_text"].strip()
+else:                                 # the course's folder, through the course's loader
+    assistant = Assistant.from_pretrained(assistant_path, transcriber=None)
+    features = assistant.image_features(image)
+    assert assistant.prompt_ids([], question, features.shape[0]) == ids
+    exported_tokens = list(stream_generate(assistant.model, assistant.embed_prompt(ids, features),
+                                           eos_token_id=tokenizer.eos_token_id, max_new_tokens=16))
+    exported_answer = assistant.ask(image, question, max_new_tokens=16)
+print(f"Q: {question}\\n  exported:   {exported_answer!r}\\n  in-library: {library_answer!r}\\n  truth:      {truth!r}")
+print(f"  {len(library_tokens)} greedy tokens, the same from both: {exported_tokens == library_tokens}")
+assert exported_tokens == library_tokens and exported_answer == library_answer
 """),
 ]
 
