@@ -47,8 +47,12 @@ def summary(report: dict) -> str:
         lines.append(f"  {stage:<14}{sec:>8.1f} s")
     ev = report.get("eval", {})
     for phase, r in ev.get("phases", {}).items():
-        lines.append(f"  eval {phase:<22} VQA {r.get('vqa_accuracy', float('nan')):.3f}  "
-                     f"caption {r.get('caption_accuracy', float('nan')):.3f}")
+        if "vqa_accuracy" in r:            # ShapesWorld
+            lines.append(f"  eval {phase:<22} VQA {r['vqa_accuracy']:.3f}  "
+                         f"caption {r.get('caption_accuracy', float('nan')):.3f}")
+        elif "pope_accuracy" in r:         # COCO (GPU profiles and their rehearsals)
+            lines.append(f"  eval {phase:<22} POPE accuracy {r['pope_accuracy']:.3f}  "
+                         f"CIDEr {100 * r.get('cider', float('nan')):.1f}")
     if "vqa_accuracy" in ev:
         lines.append(f"  FINAL: VQA {ev['vqa_accuracy']:.3f} on {ev.get('n_questions')} held-out questions, "
                      f"caption accuracy {ev.get('caption_accuracy', float('nan')):.3f}")
