@@ -14,6 +14,7 @@ Answering a question is four readable steps:
 """
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -142,13 +143,15 @@ class Assistant:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from .chat import format_of, set_format
-        from .export import COURSE_MANIFEST, load_course_export
+        from .export import COURSE_MANIFEST, EXPORT_MANIFEST, load_course_export, verify_export
 
         llava_dir = Path(llava_dir)
         course = (llava_dir / COURSE_MANIFEST).is_file()
         if not course and not (llava_dir / "config.json").is_file():
             raise FileNotFoundError(f"{llava_dir}: no exported assistant here (config.json missing); "
                                     "export one with notebook 04 or capstone_lib.stage2.export_assistant")
+        if not verify_export(llava_dir):        # sha256 of every file, when the export has a manifest
+            print(f"Assistant: {llava_dir} has no {EXPORT_MANIFEST}; its files' integrity is not checked")
         device = device or _setting(profile, "runtime", "device", "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             print("Assistant: no CUDA device; loading on the CPU")
@@ -200,6 +203,10 @@ class Assistant:
             text = self.transcribe(audio, sample_rate).text.strip()
         if not text:
             raise AssistantError("empty question: type a question or record one")
+        if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+            raise AssistantError("the question contains invalid characters (unpaired surrogates): retype it")
+        if not any(c.isprintable() and not c.isspace() and unicodedata.category(c) != "Cf" for c in text):
+            raise AssistantError("the question has no visible characters: type a question or record one")
         if len(text) > self.max_question_chars:
             raise AssistantError(f"the question has {len(text)} characters; the limit is "
                                  f"{self.max_question_chars} (setting demo.max_question_chars)")

@@ -377,6 +377,54 @@ def export_llava(out_dir: str | Path, *, tokenizer, image_processor, vision_towe
     return _move_into_place(tmp, out_dir)
 
 
+EXPORT_MANIFEST = "capstone_manifest.json"
+
+
+def write_export_manifest(folder: Path) -> Path:
+    """List every file of an export with its size and sha256 (written last, as checkpoints do)."""
+    from .real_data import file_digest
+
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_digest(p, "sha256")}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != EXPORT_MANIFEST}
+    out = folder / EXPORT_MANIFEST
+    out.write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    return out
+
+
+def verify_export(folder: str | Path) -> bool:
+    """Check an export against its manifest (presence, size, sha256); False when it has none.
+
+    ``ExportError`` names the file that is missing, changed or outside the folder: flipped bytes
+    in the weights would otherwise load silently and change every answer.
+    """
+    from .real_data import file_digest
+    from .validation import load_json
+
+    folder = Path(folder)
+    path = folder / EXPORT_MANIFEST
+    if not path.is_file():
+        return False
+    manifest = load_json(path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise ExportError(f"{path}: not an export manifest (needs a 'files' object)")
+    root = folder.resolve()
+    for name, info in files.items():
+        target = (folder / name).resolve()
+        if root not in target.parents:
+            raise ExportError(f"{path}: lists {name!r}, which is outside the export folder")
+        if not isinstance(info, dict) or not isinstance(info.get("size"), int) or not isinstance(info.get("sha256"), str):
+            raise ExportError(f"{path}: the entry of {name!r} needs an integer 'size' and a 'sha256'")
+        if not target.is_file():
+            raise ExportError(f"{target}: missing from the export (listed in {EXPORT_MANIFEST})")
+        if target.stat().st_size != info["size"]:
+            raise ExportError(f"{target}: {target.stat().st_size} bytes, the manifest says {info['size']} (truncated?)")
+        if file_digest(target, "sha256") != info["sha256"]:
+            raise ExportError(f"{target}: sha256 does not match {EXPORT_MANIFEST} (the file was changed or is "
+                              "corrupt); export the assistant again")
+    return True
+
+
 def _fresh_tmp(out_dir: Path) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -385,6 +433,7 @@ def _fresh_tmp(out_dir: Path) -> Path:
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> Path:
+    write_export_manifest(tmp)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

@@ -14,6 +14,8 @@ a plain causal LM, or the course's ``VisionLanguageModel``.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Iterator, Sequence
 
 import torch
@@ -61,8 +63,8 @@ def stream_generate(model, inputs_embeds: torch.Tensor, attention_mask: torch.Te
     """
     if inputs_embeds.dim() != 3 or inputs_embeds.shape[0] != 1:
         raise ValueError(f"stream_generate takes one prompt of shape (1, T, d), got {tuple(inputs_embeds.shape)}")
-    if temperature < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if not (math.isfinite(temperature) and temperature >= 0) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
     table = _token_embedding(model)
     device = inputs_embeds.device

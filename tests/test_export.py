@@ -265,3 +265,38 @@ def test_adapter_guard_refuses_mismatched_base(tiny_tokenizer, tmp_path):
         load_adapter_checked(llama, tmp_path / "adapter")
     with pytest.raises(ExportError, match="adapter_config.json"):
         load_adapter_checked(make_tiny_lm(tiny_tokenizer), tmp_path)
+
+
+def test_export_integrity_is_verified_on_load(exported, tmp_path):
+    """Every exported file is listed with its sha256; a flipped byte, a missing file or a path
+    outside the folder is refused by name when the assistant loads."""
+    import json
+    import shutil
+
+    from capstone_lib.assistant import Assistant
+    from capstone_lib.export import EXPORT_MANIFEST, verify_export
+
+    src = exported[2]
+    manifest = json.loads((src / EXPORT_MANIFEST).read_text())
+    assert "model.safetensors" in manifest["files"] and verify_export(src)
+    Assistant.from_pretrained(src)                                    # intact: loads
+
+    flipped = shutil.copytree(src, tmp_path / "flipped")
+    weights = flipped / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match="model.safetensors: sha256 does not match"):
+        Assistant.from_pretrained(flipped)
+
+    missing = shutil.copytree(src, tmp_path / "missing")
+    (missing / "tokenizer.json").unlink()
+    with pytest.raises(ExportError, match="tokenizer.json: missing"):
+        verify_export(missing)
+
+    escaping = shutil.copytree(src, tmp_path / "escaping")
+    bad = json.loads((escaping / EXPORT_MANIFEST).read_text())
+    bad["files"]["../outside.bin"] = {"size": 1, "sha256": "0" * 64}
+    (escaping / EXPORT_MANIFEST).write_text(json.dumps(bad))
+    with pytest.raises(ExportError, match="outside the export folder"):
+        verify_export(escaping)

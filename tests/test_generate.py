@@ -77,6 +77,9 @@ def test_sampling(tiny_lm):
     assert runs[0] == runs[1] and runs[0] != runs[2]
     with pytest.raises(ValueError, match="temperature"):
         next(stream_generate(tiny_lm, embeds, eos_token_id=None, temperature=-1.0))
+    for bad in (float("nan"), float("inf")):        # a NaN would reach the sampler and crash there
+        with pytest.raises(ValueError, match="finite temperature"):
+            next(stream_generate(tiny_lm, embeds, eos_token_id=None, temperature=bad))
     with pytest.raises(ValueError, match="top_p"):
         next(stream_generate(tiny_lm, embeds, eos_token_id=None, top_p=0.0))
     with pytest.raises(ValueError, match="one prompt"):
