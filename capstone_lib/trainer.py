@@ -404,6 +404,11 @@ class Trainer:
         if meta.get("tensors") != self.save_names or meta.get("groups") != self.group_names:
             raise CheckpointError(f"{path}: it holds different trainable tensors or param groups than this "
                                   f"model (was the model or state_filter changed?); start fresh with resume=False")
+        bad = [name for name, t in ckpt.tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise CheckpointError(f"{path}: the saved weights are not finite (NaN/inf in {len(bad)} tensor(s), e.g. "
+                                  f"{bad[:3]}): training had diverged before this checkpoint was written; resume "
+                                  "from an earlier one (resume=<its path>) or start over (resume=False)")
         copy_into_model(self.model, ckpt.tensors, where=str(path))
         try:
             self.optimizer.load_state_dict(ckpt.state["optimizer"])
@@ -521,6 +526,11 @@ class Trainer:
 
     def _optimizer_step(self, loss_mean: float) -> dict[str, Any]:
         if not math.isfinite(loss_mean):
+            bad = [n for n, t in self._tensors_to_save().items() if not torch.isfinite(t).all()]
+            if bad:
+                raise FloatingPointError(f"loss is {loss_mean} at step {self.step + 1}: the trainable weights "
+                                         f"themselves are not finite (NaN/inf in {bad[:3]}), so every loss is; "
+                                         "restart from a checkpoint saved before that (or resume=False)")
             raise FloatingPointError(f"loss is {loss_mean} at step {self.step + 1} (epoch {self.epoch}): "
                                      f"lower the learning rate or check the data / precision")
         record: dict[str, Any] = {"step": self.step + 1, "epoch": self.epoch, "loss": loss_mean}

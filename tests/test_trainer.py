@@ -299,3 +299,24 @@ def test_full_disk_at_checkpoint_write_keeps_previous_checkpoint(unwritable):
     res = make_trainer(full, TinyNet(), max_steps=4, save_every=2).fit()   # space is back: resumes
     assert res.resumed_from.name == "step-000002" and res.step == 4
     assert json.loads((full / "step-000004" / "meta.json").read_text())["step"] == 4
+
+
+def test_nan_weights_after_resume_are_named_not_blamed_on_the_learning_rate(tmp_path):
+    """A checkpoint whose weights are NaN (written after divergence) is refused on resume with what
+    is wrong; weights that turn NaN in memory make the loss error say so too."""
+    from capstone_lib.checkpoint import load_checkpoint, save_checkpoint
+
+    out = tmp_path / "run"
+    make_trainer(out, max_steps=4, save_every=2).fit(stop_at_step=2)
+    ckpt = load_checkpoint(out / "step-000002")
+    poisoned = {k: torch.full_like(v, float("nan")) if k.startswith("head.") else v
+                for k, v in ckpt.tensors.items()}
+    save_checkpoint(out, 2, poisoned, ckpt.state, ckpt.meta, keep_last=None)    # a valid manifest
+    with pytest.raises(CheckpointError, match=r"not finite \(NaN/inf in 2 tensor\(s\).*resume=False"):
+        make_trainer(out, max_steps=4, save_every=2).fit()
+
+    model = TinyNet()
+    with torch.no_grad():
+        model.head[2].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="trainable weights themselves are not finite"):
+        make_trainer(tmp_path / "fresh", model, max_steps=2).fit(resume=False)
