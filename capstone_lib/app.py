@@ -59,11 +59,15 @@ def _text_of(content: Any) -> str:
     return "".join(_text_of(part) for part in content or [])
 
 
-def history_of(messages: list[dict]) -> list[dict[str, str]]:
-    """The chat template's history (``{"from", "value"}`` turns) from the chat shown on the page."""
+def history_of(messages: list[dict], max_exchanges: int = 16, max_chars: int = 2000) -> list[dict[str, str]]:
+    """The chat template's history (``{"from", "value"}`` turns) from the chat shown on the page.
+
+    The page's chat comes from the client: only its last ``max_exchanges`` exchanges are read,
+    each turn cut to ``max_chars`` characters, so one request cannot hold the server for long.
+    """
     history = []
-    for m in messages:
-        text = _text_of(m["content"]).removeprefix(MIC).strip()
+    for m in messages[-2 * max_exchanges - 1:]:
+        text = _text_of(m["content"]).removeprefix(MIC).strip()[:max_chars]
         speaker = "human" if m["role"] == "user" else "gpt"
         if text and (len(history) % 2 == 0) == (speaker == "human"):
             history.append({"from": speaker, "value": text})
@@ -100,7 +104,8 @@ def build_app(assistant_factory: Callable[[], Assistant], title: str = "Course a
             spoken = not (text or "").strip() and audio is not None
             question = assistant.transcribe(audio).text if spoken else text
             question = assistant.question(question)
-            chat = Chat(assistant, assistant.image_features(pil), history=history_of(messages))
+            history = history_of(messages, assistant.max_history_exchanges)
+            chat = Chat(assistant, assistant.image_features(pil), history=history)
         except ValueError as exc:                  # AssistantError, AudioError, DataError
             raise gr.Error(str(exc)) from None
         messages += [{"role": "user", "content": f"{MIC}{question}" if spoken else question},

@@ -121,10 +121,12 @@ class Assistant:
 
     def __init__(self, model: torch.nn.Module, tokenizer, image_processor,
                  transcriber: Transcriber | None = None, max_question_chars: int = 500,
+                 max_history_exchanges: int = 16,
                  max_new_tokens: int = 64, image_token_id: int | None = None):
         self.model = model.eval()
         self.tokenizer, self.image_processor, self.transcriber = tokenizer, image_processor, transcriber
         self.max_question_chars, self.max_new_tokens = max_question_chars, max_new_tokens
+        self.max_history_exchanges = max_history_exchanges   # older exchanges are dropped first
         config = getattr(model, "config", None)
         self.image_token_id = int(image_token_id if image_token_id is not None else
                                   getattr(model, "image_token_id", None) or config.image_token_id)
@@ -170,6 +172,7 @@ class Assistant:
             set_format(tokenizer, format_of(processor))
         return cls(model, tokenizer, image_processor, transcriber,
                    max_question_chars=_setting(profile, "demo", "max_question_chars", 500),
+                   max_history_exchanges=_setting(profile, "demo", "max_history_exchanges", 16),
                    max_new_tokens=_setting(profile, "demo", "max_new_tokens", 64))
 
     @classmethod
@@ -239,16 +242,35 @@ class Assistant:
 
     def fit_history(self, history: Sequence[dict[str, str]], question: str,
                     n_image_tokens: int | None = None) -> tuple[list[dict[str, str]], int]:
-        """Drop the oldest exchanges until the prompt fits the context; returns (history, n_dropped)."""
+        """Drop the oldest exchanges until the prompt fits the context; returns (history, n_dropped).
+
+        At most ``max_history_exchanges`` recent exchanges are kept at all, and how many more to drop
+        is found by bisection: a few tokenizations, however long the history a client sends.
+        """
         n = n_image_tokens or self._n_patches()
-        history, dropped = [dict(t) for t in history], 0
-        while history:
-            if IMAGE_TOKEN not in history[0]["value"]:
-                history[0]["value"] = f"{IMAGE_TOKEN}\n{history[0]['value']}"
-            if len(encode_prompt(self.tokenizer, history, question, n)) < self.context_length:
-                break
-            history, dropped = history[2:], dropped + 2
-        return history, dropped
+        turns = [dict(t) for t in history]
+        turns = turns[: len(turns) // 2 * 2]                      # whole exchanges only
+        kept = turns[-2 * self.max_history_exchanges:] if self.max_history_exchanges else []
+        dropped = len(turns) - len(kept)
+
+        def tail(k: int) -> list[dict[str, str]]:
+            rest = [dict(t) for t in kept[2 * k:]]
+            if rest and IMAGE_TOKEN not in rest[0]["value"]:
+                rest[0]["value"] = f"{IMAGE_TOKEN}\n{rest[0]['value']}"
+            return rest
+
+        def fits(k: int) -> bool:
+            return len(encode_prompt(self.tokenizer, tail(k), question, n)) < self.context_length
+
+        pairs = len(kept) // 2
+        lo, hi = 0, pairs                      # the fewest exchanges to drop so that the prompt fits
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return tail(lo), dropped + 2 * lo
 
     def _n_patches(self) -> int:
         config = getattr(self.model, "config", None)

@@ -112,7 +112,8 @@ _BASE: dict[str, dict[str, Any]] = {
     "eval": dict(n_questions=32, n_captions=16, max_new_tokens=32, lesson_steps=2, lesson_questions=8),
     # The language model's identity (capstone_lib.lm_spec): weights, chat format, EOS, LoRA targets.
     "lm": lm_preset("course-pythia"),
-    "demo": dict(host="127.0.0.1", port=7860, max_upload_mb=10, max_question_chars=500,
+    # max_history_exchanges: the most earlier exchanges a chat keeps (older ones are dropped first).
+    "demo": dict(host="127.0.0.1", port=7860, max_upload_mb=10, max_question_chars=500, max_history_exchanges=16,
                  max_new_tokens=48, temperature=0.0, top_p=1.0),
 }
 

@@ -218,3 +218,28 @@ def test_in_library_vision_language_model(tiny_tokenizer, tiny_images):
                                      clean_up_tokenization_spaces=False).strip()
     assert bot.ask(tiny_images[1], question, max_new_tokens=10) == expected
     assert bot.context_length == 256
+
+
+def test_a_huge_client_history_costs_a_few_tokenizations(assistant, monkeypatch):
+    """A client may send any history: it is cut to the last exchanges and fitted by bisection
+    (a handful of tokenizations, not one per dropped exchange)."""
+    import capstone_lib.assistant as assistant_module
+    from capstone_lib.app import history_of
+
+    calls = []
+    real = assistant_module.encode_prompt
+    monkeypatch.setattr(assistant_module, "encode_prompt", lambda *a, **k: calls.append(1) or real(*a, **k))
+    history = [{"from": "human" if i % 2 == 0 else "gpt", "value": f"where is the red square {i}"}
+               for i in range(2000)]
+    fitted, dropped = assistant.fit_history(history, "What colour is it?", n_image_tokens=16)
+    assert len(fitted) + dropped == 2000 and 2 <= len(fitted) < 2 * assistant.max_history_exchanges
+    assert len(calls) <= 6                                     # log2(16 exchanges) + 1
+    assert fitted[0]["value"].startswith(IMAGE_TOKEN) and fitted[-1] == history[-1]   # the newest kept
+    assert len(real(assistant.tokenizer, fitted, "What colour is it?", 16)) < assistant.context_length
+    one_more = [dict(t) for t in history[-len(fitted) - 2:]]   # the fewest dropped: one more does not fit
+    one_more[0]["value"] = f"{IMAGE_TOKEN}\n{one_more[0]['value']}"
+    assert len(real(assistant.tokenizer, one_more, "What colour is it?", 16)) >= assistant.context_length
+
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x" * 100_000} for i in range(4000)]
+    page = history_of(messages, max_exchanges=16, max_chars=2000)
+    assert len(page) <= 32 and all(len(t["value"]) <= 2000 for t in page)
