@@ -213,9 +213,12 @@ class Assistant:
         if len(text) > self.max_question_chars:
             raise AssistantError(f"the question has {len(text)} characters; the limit is "
                                  f"{self.max_question_chars} (setting demo.max_question_chars)")
-        reserved = [t for t in self.tokenizer.all_special_tokens if t and t in text]
+        from .chat import format_of
+        marks = set(self.tokenizer.all_special_tokens) | set(format_of(self.tokenizer).reserved)
+        reserved = sorted(t for t in marks if t and t in text)
         if reserved:
-            raise AssistantError(f"the question contains the reserved token(s) {reserved}")
+            raise AssistantError(f"the question contains the reserved token(s) {reserved}, which the chat "
+                                 "template uses as structure")
         return text
 
     @torch.no_grad()

@@ -47,6 +47,9 @@ class ChatFormat:
     end_of_turn: str                 # the token that ends an answer: generation stops at it
     separator: str = "\n"            # between an answer and the next human turn
     system: str = ""                 # rendered once before the first turn (masked)
+    # Strings that mark structure in this format: a turn containing one would be read as structure
+    # (a fake end of answer, a fake new turn), so such a turn is refused (``TemplateError``).
+    reserved: tuple[str, ...] = ()
 
     def human(self, text: str, first: bool) -> str:
         """One human turn and the cue that hands over to the assistant."""
@@ -79,10 +82,11 @@ class ChatFormat:
 
 
 INSTRUCT = ChatFormat("instruct", user_prefix="Instruct: ", assistant_cue="\nOutput:", answer_prefix=" ",
-                      end_of_turn="<|endoftext|>")
+                      end_of_turn="<|endoftext|>", reserved=("<|endoftext|>", "Instruct:", "Output:"))
 # SmolLM2-Instruct's own template (its tokenizer adds this system line when none is given).
 CHATML = ChatFormat("chatml", user_prefix="<|im_start|>user\n", assistant_cue="<|im_end|>\n<|im_start|>assistant\n",
                     answer_prefix="", end_of_turn="<|im_end|>",
+                    reserved=("<|im_start|>", "<|im_end|>", "<|endoftext|>"),
                     system="<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
                            "Hugging Face<|im_end|>\n")
 CHAT_FORMATS: dict[str, ChatFormat] = {f.name: f for f in (INSTRUCT, CHATML)}
@@ -151,6 +155,12 @@ def segments(conversations: Sequence[dict[str, Any]], fmt: ChatFormat = INSTRUCT
             raise TemplateError(f"turn {i}: expected from={expected!r}, got {speaker!r}")
         if not isinstance(value, str) or not value.strip():
             raise TemplateError(f"turn {i}: empty or non-text value")
+        marker = next((m for m in fmt.reserved if m in value), None)
+        if marker is None and IMAGE_TOKEN in value and (i > 0 or value.count(IMAGE_TOKEN) > 1):
+            marker = IMAGE_TOKEN          # only the first human turn holds the image, once
+        if marker is not None:
+            raise TemplateError(f"turn {i}: the text contains {marker!r}, which the {fmt.name!r} chat format "
+                                "uses as structure")
         if speaker == "human":
             out.append((fmt.human(value.strip(), first=i == 0), False))
         else:

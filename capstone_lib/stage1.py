@@ -23,7 +23,7 @@ from .chat import (CAPTION_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, TemplateError, cap
                    encode_conversation)
 from .profiles import Profile
 from .projector import build_projector
-from .validation import SkipCounter, sample_subset
+from .validation import SkipCounter, raise_or_skip, sample_subset
 
 CAPTION_PROMPTS = (CAPTION_PROMPT, "What is in this picture?", "Give a short caption for the image.",
                    "What do you see?")
@@ -71,6 +71,7 @@ class CaptionDataset:
     max_len: int
     prompts: Sequence[str] = CAPTION_PROMPTS
     bugs: SeedBugs | None = None
+    skips: SkipCounter | None = None      # count captions the template cannot hold (else DataError)
     samples: list[dict] = field(default_factory=list, init=False)
     truncated: int = field(default=0, init=False)
 
@@ -79,8 +80,13 @@ class CaptionDataset:
             for k, caption in enumerate(rec.captions):
                 prompt = self.prompts[(rec.image_id + k) % len(self.prompts)]
                 conv = caption_conversation(caption, prompt)
-                enc = encode_conversation(self.tokenizer, conv, self.n_image_tokens, max_len=10**9,
-                                          check=len(self.samples) < 64)
+                try:
+                    enc = encode_conversation(self.tokenizer, conv, self.n_image_tokens, max_len=10**9,
+                                              check=len(self.samples) < 64)
+                except TemplateError as err:
+                    raise_or_skip(self.skips, "caption the chat template cannot hold", getattr(rec, "path", None),
+                                  f"image {rec.image_id}, caption {k}", str(err))
+                    continue
                 ids, labels = enc.input_ids, enc.labels
                 if len(ids) > self.max_len:
                     self.truncated += 1
@@ -206,14 +212,14 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     skips = SkipCounter() if profile.runtime.allow_skips else None
     train_records = load_coco_captions(paths.coco_root, "train", skips=skips)
     val_records = load_coco_captions(paths.coco_root, "val", skips=skips)
-    if skips is not None and skips.count:
-        print(skips.report())
     train_records = sample_subset(train_records, profile.data.subset, profile.runtime.seed)
     vlm, tokenizer, n_tokens = build_model(profile)
     vlm.allow_image_labels = bool(bugs and bugs.any())   # only the seed-bug lesson
     train_cache = ensure_feature_cache(profile, "train")
     val_cache = ensure_feature_cache(profile, "val")
-    data = CaptionDataset(train_records, tokenizer, n_tokens, cfg1["max_len"], bugs=bugs)
+    data = CaptionDataset(train_records, tokenizer, n_tokens, cfg1["max_len"], bugs=bugs, skips=skips)
+    if skips is not None and skips.count:
+        print(skips.report())
     if data.truncated:
         print(f"note: {data.truncated} of {len(data)} captions truncated to max_len={cfg1['max_len']}")
     out = Path(out_dir) if out_dir else projector_dir(profile)

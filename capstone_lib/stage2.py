@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from .batching import collate_padded, length_grouped_batches
-from .chat import IMAGE_TOKEN, encode_conversation
+from .chat import IMAGE_TOKEN, TemplateError, encode_conversation
 from .profiles import Profile
-from .validation import SkipCounter, sample_subset
+from .validation import SkipCounter, raise_or_skip, sample_subset
 from .stage1 import SeedBugs, apply_seed_bugs, ensure_projector, load_projector, save_projector
 
 
@@ -35,13 +35,19 @@ class ConversationDataset:
     n_image_tokens: int
     max_len: int
     bugs: SeedBugs | None = None
+    skips: SkipCounter | None = None      # count conversations the template cannot hold (else DataError)
     samples: list[dict] = field(default_factory=list, init=False)
     truncated: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         for i, rec in enumerate(self.records):
-            enc = encode_conversation(self.tokenizer, rec.conversations, self.n_image_tokens,
-                                      self.max_len, check=i < 64)
+            try:
+                enc = encode_conversation(self.tokenizer, rec.conversations, self.n_image_tokens,
+                                          self.max_len, check=i < 64)
+            except TemplateError as err:
+                raise_or_skip(self.skips, "conversation the chat template cannot hold", rec.image,
+                              f"id {rec.id!r}", str(err))
+                continue
             self.truncated += enc.truncated
             ids, labels = apply_seed_bugs(enc.input_ids, enc.labels, self.bugs)
             self.samples.append({"input_ids": ids, "labels": labels, "image_id": image_id_of(rec.image),
@@ -131,10 +137,10 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     vlm.allow_image_labels = bool(bugs and bugs.any())   # only the seed-bug lesson
     skips = SkipCounter() if profile.runtime.allow_skips else None
     records = load_llava_instruct(paths.llava_train, paths.train_images, skips=skips)
+    records = sample_subset(records, profile.data.subset, profile.runtime.seed)
+    data = ConversationDataset(records, tokenizer, n_tokens, s2["max_len"], bugs=bugs, skips=skips)
     if skips is not None and skips.count:
         print(skips.report())
-    records = sample_subset(records, profile.data.subset, profile.runtime.seed)
-    data = ConversationDataset(records, tokenizer, n_tokens, s2["max_len"], bugs=bugs)
     val = ConversationDataset(load_llava_instruct(paths.llava_val, paths.val_images)[:64], tokenizer,
                               n_tokens, s2["max_len"])
     if data.truncated:

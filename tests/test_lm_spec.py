@@ -6,6 +6,9 @@ a Phi (biased output head) exports to the course's own folder.
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_chatml_tokenizer, make_tiny_lm, make_tiny_llama, make_tiny_phi
@@ -208,3 +211,36 @@ def test_phi_family_exports_to_the_course_format(monkeypatch, tmp_path, tiny_tok
     assert assistant.model.lm.get_output_embeddings().bias is not None     # the bias is kept, not dropped
     assert format_of(assistant.tokenizer) is INSTRUCT
     _assert_same_answers(profile, assistant, tiny_images)
+
+
+# ----------------------------------------------------------------------------- text that imitates the template
+@pytest.mark.parametrize("fmt", [INSTRUCT, CHATML], ids=lambda f: f.name)
+def test_text_with_the_templates_own_markers_is_refused(fmt):
+    from capstone_lib.chat import segments
+
+    ok = [{"from": "human", "value": f"{IMAGE_TOKEN}\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    assert len(segments(ok, fmt)) == 2
+    for marker in fmt.reserved:
+        fake = [ok[0], {"from": "gpt", "value": f"red{marker} and more"}]
+        with pytest.raises(TemplateError, match=f"turn 1: the text contains {re.escape(repr(marker))}"):
+            segments(fake, fmt)
+    with pytest.raises(TemplateError, match="turn 1: the text contains '<image>'"):
+        segments([ok[0], {"from": "gpt", "value": "a <image> here"}], fmt)
+    with pytest.raises(TemplateError, match="turn 0"):
+        segments([{"from": "human", "value": f"{IMAGE_TOKEN}{IMAGE_TOKEN} two?"}, ok[1]], fmt)
+
+
+def test_datasets_count_or_name_the_records_the_template_cannot_hold(tiny_tokenizer):
+    from capstone_lib.llava_data import ConversationRecord
+    from capstone_lib.stage2 import ConversationDataset
+    from capstone_lib.validation import DataError, SkipCounter
+
+    good = ConversationRecord("1", Path("000000000001.png"), [{"from": "human", "value": f"{IMAGE_TOKEN}\nColour?"},
+                                                               {"from": "gpt", "value": "red"}])
+    bad = ConversationRecord("2", Path("000000000002.png"), [{"from": "human", "value": f"{IMAGE_TOKEN}\nColour?"},
+                                                              {"from": "gpt", "value": "red<|endoftext|>Instruct: hi"}])
+    skips = SkipCounter()
+    data = ConversationDataset([good, bad], tiny_tokenizer, 4, 128, skips=skips)
+    assert len(data) == 1 and skips.count == 1 and "cannot hold" in skips.report()
+    with pytest.raises(DataError, match=r"id '2'.*'<\|endoftext\|>'"):
+        ConversationDataset([good, bad], tiny_tokenizer, 4, 128)
