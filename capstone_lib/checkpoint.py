@@ -32,6 +32,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from .validation import file_in
+
 MODEL_FILE, STATE_FILE, META_FILE, MANIFEST_FILE = "model.safetensors", "state.pt", "meta.json", "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -237,8 +239,14 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     for name in (MODEL_FILE, STATE_FILE, META_FILE):
         if name not in files:
             raise CheckpointError(f"{mpath}: {name} is not listed")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{mpath}: 'files' must be an object")
     for name, info in files.items():
-        f = path / name
+        f, problem = file_in(path, name)
+        if f is None or name not in (MODEL_FILE, STATE_FILE, META_FILE):
+            raise CheckpointError(f"{mpath}: lists {name!r}, which is not a file of a checkpoint ({problem or 'unknown name'})")
+        if not isinstance(info, dict) or not isinstance(info.get("size"), int) or not isinstance(info.get("sha256"), str):
+            raise CheckpointError(f"{mpath}: the entry of {name!r} needs an integer 'size' and a 'sha256'")
         if not f.is_file():
             raise CheckpointError(f"{f}: missing")
         size = f.stat().st_size

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .validation import DataError, SkipCounter, load_json, raise_or_skip, validate_caption_annotation
+from .validation import DataError, SkipCounter, file_in, load_json, raise_or_skip, validate_caption_annotation
 
 
 @dataclass
@@ -61,7 +61,11 @@ def load_coco_captions(root: str | Path, split: str, skips: SkipCounter | None =
         if image_id in records:
             raise_or_skip(skips, "duplicate image id", path, where)
             continue
-        records[image_id] = CaptionRecord(image_id, image_dir / name)
+        image_path, problem = file_in(image_dir, name)
+        if image_path is None:
+            raise_or_skip(skips, "image file name outside the data set", path, where, problem)
+            continue
+        records[image_id] = CaptionRecord(image_id, image_path)
 
     for i, ann in enumerate(data["annotations"]):
         where = f"annotations[{i}]" + (f" (id {ann.get('id')})" if isinstance(ann, dict) and "id" in ann else "")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .validation import DataError, SkipCounter, load_json, raise_or_skip, validate_llava_record
+from .validation import DataError, SkipCounter, file_in, load_json, raise_or_skip, validate_llava_record
 
 
 @dataclass
@@ -37,7 +37,10 @@ def load_llava_instruct(json_path: str | Path, image_dir: str | Path, skips: Ski
             reason = "text-only record" if err.message.startswith("text-only") else "invalid record"
             raise_or_skip(skips, reason, json_path, err.record, err.message)
             continue
-        path = image_dir / image
+        path, problem = file_in(image_dir, image)
+        if path is None:
+            raise_or_skip(skips, "image file name outside the data set", json_path, f"{i} (id {rid!r})", problem)
+            continue
         if check_files and not path.is_file():
             raise_or_skip(skips, "missing image file", json_path, f"{i} (id {rid!r})", str(path))
             continue

@@ -204,3 +204,28 @@ def sample_subset(records: list, n: int | None, seed: int) -> list:
         return list(records)
     keep = sorted(random.Random(seed).sample(range(len(records)), n))
     return [records[i] for i in keep]
+
+
+def file_in(folder: str | Path, name: Any) -> tuple[Path | None, str]:
+    """``folder / name`` when ``name`` is a plain relative file name that stays in ``folder``.
+
+    Returns ``(path, "")``, or ``(None, reason)`` for an absolute name, a ``..`` part, a NUL byte or
+    a part longer than the file system allows (255 bytes): a record may only name files inside its
+    data set's folder.
+    """
+    if not isinstance(name, str) or not name.strip():
+        return None, f"file name must be a non-empty string, got {name!r}"
+    if "\x00" in name:
+        return None, f"file name {name!r} contains a NUL byte"
+    rel = Path(name)
+    if rel.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return None, f"file name {name!r} is absolute; it must be relative to {folder}"
+    if ".." in rel.parts:
+        return None, f"file name {name!r} leaves {folder} ('..')"
+    try:
+        too_long = [part for part in rel.parts if len(part.encode("utf-8")) > 255]
+    except UnicodeEncodeError:
+        return None, f"file name {name!r} is not valid text (unpaired surrogates)"
+    if too_long:
+        return None, f"file name part {too_long[0][:40]!r}... is longer than 255 bytes"
+    return Path(folder) / rel, ""

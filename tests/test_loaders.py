@@ -284,3 +284,50 @@ def test_jsonl_empty_corpus(tmp_path):
         read_jsonl_texts(tmp_path / "sub")
     with pytest.raises(DataError, match="file not found"):
         read_jsonl_texts(tmp_path / "missing.jsonl")
+
+
+# ----------------------------------------------------------------------------- paths stay inside their data set
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.png", "a/../../b.png", "x" * 300 + ".png", "a\x00b.png"])
+def test_record_file_names_cannot_leave_the_data_set(tmp_path, name):
+    """COCO and LLaVA records may only name files inside their image folder: a clear error, or a counted skip."""
+    import json
+
+    from capstone_lib.coco import load_coco_captions
+    from capstone_lib.llava_data import load_llava_instruct
+    from capstone_lib.validation import DataError, SkipCounter
+
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "train2017").mkdir()
+    (tmp_path / "train2017" / "ok.png").write_bytes(b"png")
+    (tmp_path / "annotations" / "captions_train2017.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "ok.png"}, {"id": 2, "file_name": name}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "a red circle"},
+                        {"id": 2, "image_id": 2, "caption": "a blue square"}]}))
+    with pytest.raises(DataError, match="outside the data set"):
+        load_coco_captions(tmp_path, "train")
+    skips = SkipCounter()
+    assert [r.image_id for r in load_coco_captions(tmp_path, "train", skips=skips)] == [1]
+    assert skips.by_reason["image file name outside the data set"] == 1
+
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"id": "a", "image": "ok.png", "conversations": turns},
+                                 {"id": "b", "image": name, "conversations": turns}]))
+    with pytest.raises(DataError, match="outside the data set"):
+        load_llava_instruct(llava, tmp_path / "train2017")
+    assert [r.id for r in load_llava_instruct(llava, tmp_path / "train2017", skips=SkipCounter())] == ["a"]
+
+
+def test_a_checkpoint_manifest_cannot_name_files_outside_it(tmp_path):
+    import json
+
+    import torch
+
+    from capstone_lib.checkpoint import CheckpointError, save_checkpoint, verify_checkpoint
+
+    ckpt = save_checkpoint(tmp_path, 1, {"w": torch.zeros(2)}, {"x": 1}, {"m": 1})
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["../../secret"] = {"size": 1, "sha256": "0" * 64}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="not a file of a checkpoint"):
+        verify_checkpoint(ckpt)
