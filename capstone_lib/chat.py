@@ -9,7 +9,7 @@ drift apart. A :class:`ChatFormat` is a handful of strings; the LM's spec
 
     Instruct: <image>\\nWhat colour is the circle?\\nOutput: red<|endoftext|>\\nInstruct: ...
 
-``chatml`` (SmolLM2's and Qwen2.5's own template)::
+``chatml`` (SmolLM2-Instruct's own template, its default system line included)::
 
     <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n<image>\\nWhat ...<|im_end|>\\n<|im_start|>assistant\\nred<|im_end|>
 
@@ -65,7 +65,11 @@ class ChatFormat:
         def lit(s: str) -> str:
             return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
         return (
+            "{% set state = namespace(started=false) %}"
             "{% for message in messages %}"
+            "{% if message['role'] == 'system' %}"
+            "{{ raise_exception('the course chat template has a fixed system line; send user/assistant turns only') }}"
+            "{% endif %}"
             "{% if message['content'] is string %}{% set text = message['content'] %}{% else %}"
             "{% set ns = namespace(text='') %}"
             "{% for item in message['content'] %}"
@@ -73,7 +77,8 @@ class ChatFormat:
             "{% elif item['type'] == 'text' %}{% set ns.text = ns.text + item['text'] %}{% endif %}"
             "{% endfor %}{% set text = ns.text %}{% endif %}"
             "{% if message['role'] == 'user' %}"
-            f"{{% if loop.first %}}{{{{ {lit(self.system)} }}}}{{% else %}}{{{{ {lit(self.separator)} }}}}{{% endif %}}"
+            f"{{% if not state.started %}}{{{{ {lit(self.system)} }}}}{{% set state.started = true %}}"
+            f"{{% else %}}{{{{ {lit(self.separator)} }}}}{{% endif %}}"
             f"{{{{ {lit(self.user_prefix)} + text | trim + {lit(self.assistant_cue)} }}}}"
             "{% elif message['role'] == 'assistant' %}"
             f"{{{{ {lit(self.answer_prefix)} + text | trim + {lit(self.end_of_turn)} }}}}"

@@ -152,7 +152,8 @@ def merged_language_model(lm: nn.Module, base_lm: str | Path | nn.Module | None 
         from .pretrain import grow_embeddings
         grow_embeddings(base, rows)
     with tempfile.TemporaryDirectory() as tmp:
-        lm.save_pretrained(tmp)                     # adapter only: adapter_config.json + safetensors
+        # adapter only: adapter_config.json + safetensors (a grown <image> row is rebuilt, zero, on load)
+        lm.save_pretrained(tmp, save_embedding_layers=False)
         return load_adapter_checked(base, tmp).merge_and_unload()
 
 
@@ -344,7 +345,7 @@ def _chat_template(tokenizer) -> str:
 def export_llava(out_dir: str | Path, *, tokenizer, image_processor, vision_tower: nn.Module | str | Path,
                  vlm: VisionLanguageModel | None = None, base_lm: str | Path | nn.Module | None = None,
                  adapter_dir: str | Path | None = None, projector: Any = None,
-                 feature_layer: int = -2, verify: bool = True) -> Path:
+                 feature_layer: int = -2, verify: bool = True, info: dict[str, Any] | None = None) -> Path:
     """Write a standard Llava checkpoint (safetensors + processor) to ``out_dir``; return the path.
 
     Either pass ``vlm`` (the in-memory model; ``base_lm`` only for a LoRA over 4-bit), or the
@@ -352,7 +353,8 @@ def export_llava(out_dir: str | Path, *, tokenizer, image_processor, vision_towe
     (peft ``save_pretrained`` dir, optional), ``projector`` (module, state dict or
     ``.safetensors`` path), ``vision_tower`` (model or dir), ``tokenizer`` and
     ``image_processor`` (objects or dirs). The directory is written to ``<out_dir>.tmp``
-    and renamed when complete; with ``verify`` it is reloaded and its logits compared.
+    and renamed when complete; with ``verify`` it is reloaded and its logits compared. ``info``
+    is added to ``capstone_export.json`` (e.g. which LM spec it was made from).
     """
     out_dir = Path(out_dir)
     tokenizer, image_processor, vision_tower, vlm, base_lm = _assemble(
@@ -367,7 +369,7 @@ def export_llava(out_dir: str | Path, *, tokenizer, image_processor, vision_towe
     (tmp / "capstone_export.json").write_text(json.dumps(
         {"projector": "mlp2x_gelu", "image_token": IMAGE_TOKEN, "image_token_id": vlm.image_token_id,
          "n_image_tokens": n_patches, "vision_feature_layer": vlm.feature_layer,
-         "chat_format": format_of(tokenizer).name}, indent=2))
+         "chat_format": format_of(tokenizer).name, **(info or {})}, indent=2))
     if verify:
         probe = _probe_inputs(llava.config.text_config.vocab_size, vision_tower, n_patches, vlm.image_token_id)
         with torch.no_grad():
@@ -447,7 +449,7 @@ COURSE_MANIFEST = "capstone_assistant.json"
 def export_course(out_dir: str | Path, *, tokenizer, image_processor, vision_tower: nn.Module | str | Path,
                   vlm: VisionLanguageModel | None = None, base_lm: str | Path | nn.Module | None = None,
                   adapter_dir: str | Path | None = None, projector: Any = None,
-                  feature_layer: int = -2, verify: bool = True) -> Path:
+                  feature_layer: int = -2, verify: bool = True, info: dict[str, Any] | None = None) -> Path:
     """Save the assistant in the course's own safetensors folder (for an LM Llava cannot hold).
 
     Phi-2's output head has a bias and Llava's ``lm_head`` has none, so no standard Llava
@@ -478,13 +480,19 @@ def export_course(out_dir: str | Path, *, tokenizer, image_processor, vision_tow
          "image_token": IMAGE_TOKEN, "image_token_id": vlm.image_token_id, "n_image_tokens": n_patches,
          "vision_feature_layer": vlm.feature_layer, "chat_format": format_of(tokenizer).name,
          "why": f"{type(lm).__name__}'s output head has a bias, which a standard Llava checkpoint "
-                "cannot hold"}, indent=2))
+                "cannot hold", **(info or {})}, indent=2))
     if verify:
         probe = _probe_inputs(lm.config.vocab_size, vision_tower, n_patches, vlm.image_token_id)
         reference_vlm = VisionLanguageModel(lm, vlm.projector, vlm.image_token_id, vision_tower,
                                             feature_layer=vlm.feature_layer).eval()
         with torch.no_grad():
             reference = reference_vlm(**probe).logits.float()
+        # Free the merged model before reloading: two float32 copies of a 2.7B LM would not fit
+        # a Colab runtime's memory.
+        del reference_vlm, lm, vlm
+        import gc
+        gc.collect()
+        with torch.no_grad():
             reloaded, _, _ = load_course_export(tmp)
             logits = reloaded(**probe).logits.float()
         if not torch.allclose(logits, reference, atol=1e-4, rtol=1e-4):

@@ -35,9 +35,12 @@ def without_adapter(profile: Profile):
     from .pretrain import load_language_model
     from .stage2 import stage2_dir
 
+    from .trainer import resolve_device
+
     lm, tokenizer = load_language_model(profile)
     projector, _ = load_projector(stage2_dir(profile) / "projector")
-    return VisionLanguageModel(lm, projector, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)), tokenizer
+    vlm = VisionLanguageModel(lm, projector, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    return vlm.to(resolve_device(profile.runtime.device)), tokenizer
 
 
 def run_lessons(profile: Profile, steps: int, n_questions: int = 100, n_captions: int = 40,

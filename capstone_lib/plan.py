@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 GIB = 1 << 30
-# Dense bf16/fp16 tensor-core peak, TFLOP/s, by the name torch reports.
+# Dense bf16/fp16 tensor-core peak, TFLOP/s, by the name torch reports; and fp32 (no tensor cores).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 125.0, "L4": 121.0,
                "V100": 125.0, "T4": 65.0}
+PEAK_TFLOPS_FP32 = {"H200": 67.0, "H100": 67.0, "A100": 19.5, "L40": 90.0, "A10": 31.0, "L4": 30.0,
+                    "V100": 15.7, "T4": 8.1}
 # Model-FLOPs utilisation measured by the bench (H100, Phi-2 shape; docs/PERFORMANCE.md): stage 1
 # (frozen LM, projector only) 0.45-0.50; stage 2 (4-bit + LoRA) 0.09-0.10, 0.06-0.07 with gradient
 # checkpointing. Pretraining and feature caching were not measured on a GPU: 0.3 is assumed.
@@ -40,7 +42,12 @@ class Device:
     @property
     def peak_tflops(self) -> float | None:
         """Dense half-precision peak of a known GPU (None for a CPU or an unknown card)."""
-        return next((v for k, v in PEAK_TFLOPS.items() if k in self.name), None) if self.kind == "cuda" else None
+        return self.peak(half=True)
+
+    def peak(self, half: bool = True) -> float | None:
+        """Dense peak TFLOP/s of a known GPU in half precision or in fp32 (None for a CPU or an unknown card)."""
+        table = PEAK_TFLOPS if half else PEAK_TFLOPS_FP32
+        return next((v for k, v in table.items() if k in self.name), None) if self.kind == "cuda" else None
 
 
 def find_device(profile: Any) -> Device:
@@ -72,13 +79,14 @@ class StagePlan:
     tokens: int
     flops: float
     mfu: float = 0.3                 # the utilisation the time estimate assumes
+    half: bool = True                # half-precision compute (else fp32: no tensor cores)
     peak_gib: float | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
     def seconds(self) -> float | None:
         """Estimated wall time on a known GPU (FLOPs / (peak x measured utilisation))."""
-        peak = self.device.peak_tflops
+        peak = self.device.peak(self.half)
         if peak is None or not self.flops:
             return None
         return self.flops / (peak * 1e12 * self.mfu)
@@ -111,10 +119,13 @@ def lm_geometry(config: Any) -> dict[str, int]:
     """Parameter count, width, depth and vocabulary of a transformers LM config (no weights loaded)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     h, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
-    inter = getattr(text, "intermediate_size", 4 * h)
+    inter = getattr(text, "intermediate_size", None) or 4 * h
+    heads = getattr(text, "num_attention_heads", 1)
+    kv = getattr(text, "num_key_value_heads", None) or heads        # grouped-query attention: fewer k/v
+
     gated = getattr(text, "hidden_act", "") in ("silu", "swiglu") or getattr(text, "model_type", "") in ("llama",
                                                                                                        "qwen2", "mistral")
-    per_layer = 4 * h * h + (3 if gated else 2) * h * inter
+    per_layer = int(h * h * (2 + 2 * kv / heads)) + (3 if gated else 2) * h * inter
     tied = getattr(text, "tie_word_embeddings", False)
     return {"params": layers * per_layer + vocab * h * (1 if tied else 2), "hidden": h, "layers": layers,
             "vocab": vocab, "non_embedding": layers * per_layer}
@@ -133,8 +144,8 @@ def plan_training(profile: Any, stage: str, n_samples: int, mean_tokens: float, 
     device = find_device(profile)
     geo = lm_geometry(lm_config)
     tokens = int(steps * samples_per_step * mean_tokens)
-    # Frozen LM: forward + input gradients (~4 N per token); LoRA adds little to that.
-    flops = 4.0 * geo["non_embedding"] * tokens
+    # Frozen LM: forward + input gradients (~4 N per token, the output head included); LoRA adds little.
+    flops = 4.0 * (geo["non_embedding"] + geo["vocab"] * geo["hidden"]) * tokens
     weights = geo["params"] * (0.55 if quantize_4bit else 2.0)
     per_token_layer = 34 * geo["hidden"]
     live_layers = 2 if checkpointing else geo["layers"]
@@ -142,7 +153,8 @@ def plan_training(profile: Any, stage: str, n_samples: int, mean_tokens: float, 
     logits = micro_batch_size * max_len * geo["vocab"] * 4 * 2
     peak = (weights + 16 * trainable_params + acts + logits) / GIB + 0.6    # + CUDA context and workspace
     mfu = MFU["stage2_checkpointing" if stage == "stage2" and checkpointing else stage]
-    plan = StagePlan(stage, device, n_samples, steps, tokens, flops, mfu, peak if device.kind == "cuda" else None)
+    plan = StagePlan(stage, device, n_samples, steps, tokens, flops, mfu,
+                     peak_gib=peak if device.kind == "cuda" else None)
     if checkpointing:
         plan.notes.append("gradient checkpointing on: less memory, ~30% more time")
     if profile.runtime.rehearsal:
@@ -154,8 +166,9 @@ def plan_pretraining(profile: Any, n_params: int, tokens: int) -> StagePlan:
     """The plan of notebook 01's LitGPT run: 6 N FLOPs per token."""
     p = profile.pretrain
     steps = max(1, tokens // max(1, p.global_batch_size * _block_size(profile)))
+    half = not str(p.precision).startswith("32")          # LitGPT's "32-true" runs without tensor cores
     return StagePlan("pretrain", find_device(profile), tokens // max(1, _block_size(profile)), steps, tokens,
-                     6.0 * n_params * tokens, MFU["pretrain"])
+                     6.0 * n_params * tokens, MFU["pretrain"], half=half)
 
 
 def plan_features(profile: Any, n_images: int, vision_config: Any) -> StagePlan:

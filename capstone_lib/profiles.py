@@ -281,9 +281,14 @@ class Profile:
 
     @property
     def run_dir(self) -> Path:
-        """Where this profile's artifacts go: ``runs/<profile>/`` (or ``$CAPSTONE_RUNS/<profile>``)."""
+        """Where this profile's artifacts go: ``runs/<profile>/`` (or ``$CAPSTONE_RUNS/<profile>``).
+
+        With an LM other than the profile's own (``lm=lm_preset("phi-2")``): ``runs/<profile>-<lm>/``,
+        so the projectors, adapters and exports of two LMs never mix.
+        """
         root = Path(os.environ.get("CAPSTONE_RUNS", REPO_ROOT / "runs"))
-        return root / self.name
+        lm = self.raw["lm"]["name"]
+        return root / (self.name if lm == _RAW[self.name]["lm"]["name"] else f"{self.name}-{lm}")
 
     def to_dict(self) -> dict[str, Any]:
         """A deep copy of the settings, e.g. to write next to a checkpoint."""

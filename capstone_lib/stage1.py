@@ -133,7 +133,7 @@ def load_projector(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 # Model assembly and training.
 # ------------------------------------------------------------------------------------------
 def build_model(profile: Profile, lm=None, tokenizer=None, projector: nn.Module | None = None):
-    """The frozen LM (from notebook 01 on cpu, Phi-2 on GPU) + a projector -> ``VisionLanguageModel``."""
+    """The frozen LM (notebook 01's on cpu, the LM spec's hub model on GPU) + a projector -> ``VisionLanguageModel``."""
     from .feature_cache import ensure_feature_cache
     from .lm_tuning import tune_language_model
     from .mm_model import VisionLanguageModel
@@ -202,6 +202,7 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     """Train the projector from the profile; save it to ``runs/<p>/projector/``; return a summary."""
     from .coco import load_coco_captions
     from .feature_cache import ensure_feature_cache
+    from .lm_spec import lm_spec
     from .plan import find_device, plan_training
     from .real_data import dataset_paths
     from .trainer import TrainConfig, Trainer
@@ -246,10 +247,11 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
                          vlm.lm.config, cfg.micro_batch_size, cfg.micro_batch_size * cfg.grad_accum * trainer.world,
                          cfg1["max_len"], trainer.total_steps,
                          trainable_params=sum(p.numel() for p in vlm.projector.parameters()))
+    plan.check()                          # on every rank: all stop together when it does not fit
     if trainer.rank == 0:
-        print(plan.check())
+        print(plan)
     result = trainer.fit(resume=resume)
-    meta = {"kind": cfg1["projector"], "vision_dim": train_cache.feature_shape[1],
+    meta = {"kind": cfg1["projector"], "lm": lm_spec(profile).name, "vision_dim": train_cache.feature_shape[1],
             "text_dim": vlm.lm.config.hidden_size, "n_image_tokens": n_tokens,
             "encoder_fingerprint": train_cache.fingerprint, "steps": result.step,
             "samples": len(data), "truncated": data.truncated}
@@ -266,11 +268,33 @@ def _checkpoint_root(profile: Profile, out: Path) -> Path:
     return Path(drive) / profile.name / out.name if drive else out
 
 
+def _read_meta(out: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((out / "projector.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def ensure_projector(profile: Profile) -> Path:
     """The stage-1 projector dir; trains it through the library if it is missing."""
+    from transformers import AutoConfig
+
+    from .lm_spec import lm_spec
+    from .pretrain import ensure_language_model
+
     out = projector_dir(profile)
+    meta, spec = _read_meta(out), lm_spec(profile)
+    if meta:                              # made for this LM? (a runs/ folder kept on Drive may be older)
+        width = AutoConfig.from_pretrained(str(ensure_language_model(profile))).get_text_config().hidden_size
+        if meta.get("lm", spec.name) != spec.name or meta.get("text_dim") != width:
+            print(f"the projector in {out} was trained for another LM ({meta.get('lm', 'unnamed')}, width "
+                  f"{meta.get('text_dim')}), not {spec.name} (width {width}): training stage 1 again")
+            train_stage1(profile, resume=False)
+            return out
     if not (out / "projector.json").exists():
-        print(f"no projector from notebook 03 in {out}: training stage 1 now ({profile.stage1.max_steps or 'one epoch of'} "
-              "steps; it resumes from its checkpoints if interrupted)")
+        steps = profile.stage1.max_steps or "one epoch of"
+        print(f"no projector from notebook 03 in {out}: training stage 1 now ({steps} steps; it resumes "
+              "from its checkpoints if interrupted)")
         train_stage1(profile)
     return out

@@ -172,8 +172,9 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
                          cfg.micro_batch_size, cfg.micro_batch_size * cfg.grad_accum * trainer.world, s2["max_len"],
                          trainer.total_steps, trainable_params=sum(p.numel() for g in groups for p in g["params"]),
                          quantize_4bit=s2["quantize_4bit"], checkpointing=s2["gradient_checkpointing"])
+    plan.check()                          # on every rank: all stop together when it does not fit
     if trainer.rank == 0:
-        print(plan.check())
+        print(plan)
     result = trainer.fit(resume=resume)
     if trainer.rank == 0:                       # one writer when several ranks train
         # The adapter only: a grown embedding (<image>, zero) is rebuilt by every loader.
@@ -211,7 +212,21 @@ def export_assistant(profile: Profile) -> Path:
     return export(assistant_dir(profile), tokenizer=load_tokenizer(lm_path, spec), image_processor=image_processor,
                   vision_tower=tower, base_lm=lm_path, adapter_dir=s2 / "adapter",
                   projector=s2 / "projector" / "projector.safetensors",
-                  feature_layer=profile.vision.feature_layer)
+                  feature_layer=profile.vision.feature_layer, info={"lm": spec.name, "hub_id": spec.hub_id})
+
+
+def exported_lm(path: Path) -> str | None:
+    """The LM spec an export was made from (``None``: no finished export there, or an older one)."""
+    import json
+
+    from .export import COURSE_MANIFEST
+    for name in (COURSE_MANIFEST, "capstone_export.json"):
+        try:
+            info = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        return info.get("lm") if isinstance(info, dict) else None
+    return None
 
 
 def assistant_ready(path: Path) -> bool:
@@ -221,28 +236,37 @@ def assistant_ready(path: Path) -> bool:
 
 
 def ensure_assistant(profile: Profile) -> Path:
-    """The exported assistant of ``profile``; trains stage 2 and exports if missing."""
+    """The exported assistant of ``profile``; trains stage 2 and exports if missing (or made for another LM)."""
+    from .lm_spec import lm_spec
+
     out = assistant_dir(profile)
     if assistant_ready(out):
-        return out
+        made_for = exported_lm(out)
+        if made_for == lm_spec(profile).name:
+            return out
+        print(f"the assistant in {out} was made from {made_for or 'an unrecorded LM'}, not {lm_spec(profile).name}: "
+              "exporting it again")
+        return export_assistant(profile)
     if not (stage2_dir(profile) / "adapter" / "adapter_config.json").exists():
         print(f"no stage-2 adapter in {stage2_dir(profile)}: training stage 2 now (notebook 04's step)")
         train_stage2(profile)
     return export_assistant(profile)
 
 
-def load_trained_model(profile: Profile):
+def load_trained_model(profile: Profile, device: str | None = None):
     """The finished in-library assistant: full-precision base LM + checked, merged adapter + projector.
 
     This is exactly what ``ensure_assistant`` exports. ``load_adapter_checked`` returns the
     loaded model (the earlier demo threw it away) and refuses an all-zero or mismatched adapter.
+    It is placed on ``device`` (default: the profile's, so evaluation runs on the GPU there).
     """
     from .export import load_adapter_checked
     from .mm_model import VisionLanguageModel
     from .pretrain import load_language_model
+    from .trainer import resolve_device
 
     base, tokenizer = load_language_model(profile)
     lm = load_adapter_checked(base, stage2_dir(profile) / "adapter").merge_and_unload()
     projector, _ = load_projector(stage2_dir(profile) / "projector")
     vlm = VisionLanguageModel(lm, projector, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)).eval()
-    return vlm, tokenizer
+    return vlm.to(resolve_device(device or profile.runtime.device)), tokenizer

@@ -300,3 +300,12 @@ def test_export_integrity_is_verified_on_load(exported, tmp_path):
     (escaping / EXPORT_MANIFEST).write_text(json.dumps(bad))
     with pytest.raises(ExportError, match="outside the export folder"):
         verify_export(escaping)
+
+
+def test_a_system_message_is_refused_not_silently_dropped(exported, tiny_images):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(exported[2])
+    messages = [{"role": "system", "content": "Answer briefly."}] + _messages(tiny_images[0])
+    with pytest.raises(Exception, match="fixed system line"):
+        processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -162,3 +162,14 @@ def test_redpajama_files_are_fetched_by_name_without_listing(monkeypatch, tmp_pa
 def test_phi2_stays_selectable_on_gpu_profiles():
     p = get_profile("t4", lm=lm_preset("phi-2"))
     assert p.lm.hub_id == "microsoft/phi-2" and p.lm.export == "course"
+
+
+def test_pretraining_plan_uses_the_fp32_peak_on_a_t4(monkeypatch):
+    """The T4 pretrains in fp32 (LitGPT's 32-true): no tensor cores, ~8 TFLOP/s, not 65."""
+    from capstone_lib.plan import plan_pretraining
+
+    _fake_gpu(monkeypatch, "Tesla T4", 15.0, bf16=False)
+    t4 = plan_pretraining(get_profile("t4"), 162_000_000, 10_000_000)
+    _fake_gpu(monkeypatch, "NVIDIA A100-SXM4-40GB", 39.4, bf16=True)
+    a100 = plan_pretraining(get_profile("a100"), 162_000_000, 10_000_000)
+    assert 30 * 60 < t4.seconds < 3 * 3600 and t4.seconds > 20 * a100.seconds

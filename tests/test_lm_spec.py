@@ -244,3 +244,27 @@ def test_datasets_count_or_name_the_records_the_template_cannot_hold(tiny_tokeni
     assert len(data) == 1 and skips.count == 1 and "cannot hold" in skips.report()
     with pytest.raises(DataError, match=r"id '2'.*'<\|endoftext\|>'"):
         ConversationDataset([good, bad], tiny_tokenizer, 4, 128)
+
+
+def test_in_memory_merge_when_training_grew_the_embeddings(tmp_path):
+    """SmolLM2's <image> row is added by training: merging its LoRA into the saved base still works."""
+    from peft import LoraConfig, get_peft_model
+
+    from capstone_lib.export import merged_language_model
+    from capstone_lib.pretrain import grow_embeddings
+
+    base = make_tiny_llama(100)
+    base.save_pretrained(tmp_path / "base")
+    grown = make_tiny_llama(100)
+    grow_embeddings(grown, 101)
+    lora = get_peft_model(grown, LoraConfig(r=4, lora_alpha=8, target_modules=list(SMOL_TARGETS)))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    lora.eval()
+    merged = merged_language_model(lora, tmp_path / "base")
+    ids = torch.tensor([[1, 5, 9, 100, 3]])                      # 100: the grown row
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, lora(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert merged.get_input_embeddings().num_embeddings == 101

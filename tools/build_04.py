@@ -237,7 +237,9 @@ else:                                 # a held-out COCO photo
 image = Image.open(image_path).convert("RGB")
 plt.imshow(image); plt.axis("off"); plt.show()
 
-# The in-library model (stage 2's own loader), fed the image through the fp32 tower: greedy tokens.
+# The in-library model (stage 2's own loader), on the CPU like the exported one below, fed the image
+# through the same fp32 tower: its greedy tokens.
+vlm = vlm.to("cpu")
 tower, image_processor = load_vision_tower(profile, device="cpu")
 with torch.no_grad():
     pixels = image_processor(images=image, return_tensors="pt")["pixel_values"]

@@ -149,9 +149,11 @@ for what, audio in bad_audio.items():
     md("""
 ## 3. The assistant: one object, loaded once
 
-`Assistant.from_profile(profile)` loads the Llava checkpoint that notebook 04 exported to
-`runs/<profile>/assistant/` (and builds it if it is missing) with the transformers Auto
-classes, offline, and attaches the transcriber. Answering is four visible steps:
+`Assistant.from_profile(profile)` loads the assistant that notebook 04 exported to
+`runs/<profile>/assistant/` (and builds it if it is missing): a Llava checkpoint through the
+transformers Auto classes, or, for an LM Llava cannot hold (Phi-2), the course's own folder. It
+checks every file against the export's sha256 manifest, loads offline, and attaches the
+transcriber. Answering is four visible steps:
 
 1. image -> `image_processor` -> vision tower -> projector: one vector per patch;
 2. the question -> prompt ids with `chat.encode_prompt`, **the template of training**,
