@@ -258,6 +258,8 @@ if spec.export == "llava":            # plain transformers: no code from this co
                        return_tensors="pt")
     assert inputs["input_ids"][0].tolist() == ids, "the exported template must render the training prompt"
     exported_tokens = model.generate(**inputs, max_new_tokens=16, do_sample=False)[0, len(ids):].tolist()
+    if tokenizer.eos_token_id in exported_tokens:     # generate keeps the EOS it stopped at; the loop does not
+        exported_tokens = exported_tokens[:exported_tokens.index(tokenizer.eos_token_id)]
     pipe = pipeline("image-text-to-text", model=str(assistant_path))
     out = pipe(text=messages, max_new_tokens=16, do_sample=False, return_full_text=False)
     exported_answer = out[0]["generated_text"].strip()
