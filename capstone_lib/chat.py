@@ -24,6 +24,7 @@ per image patch, exactly as transformers' ``LlavaProcessor`` does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 IMAGE_TOKEN = "<image>"
@@ -62,28 +63,34 @@ class ChatFormat:
 
     def jinja(self) -> str:
         """This format as a transformers chat template (messages with text/image content items)."""
-        def lit(s: str) -> str:
-            return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
-        return (
-            "{% set state = namespace(started=false) %}"
-            "{% for message in messages %}"
-            "{% if message['role'] == 'system' %}"
-            "{{ raise_exception('the course chat template has a fixed system line; send user/assistant turns only') }}"
-            "{% endif %}"
-            "{% if message['content'] is string %}{% set text = message['content'] %}{% else %}"
-            "{% set ns = namespace(text='') %}"
-            "{% for item in message['content'] %}"
-            f"{{% if item['type'] == 'image' %}}{{% set ns.text = ns.text + {lit(IMAGE_TOKEN + chr(10))} %}}"
-            "{% elif item['type'] == 'text' %}{% set ns.text = ns.text + item['text'] %}{% endif %}"
-            "{% endfor %}{% set text = ns.text %}{% endif %}"
-            "{% if message['role'] == 'user' %}"
-            f"{{% if not state.started %}}{{{{ {lit(self.system)} }}}}{{% set state.started = true %}}"
-            f"{{% else %}}{{{{ {lit(self.separator)} }}}}{{% endif %}}"
-            f"{{{{ {lit(self.user_prefix)} + text | trim + {lit(self.assistant_cue)} }}}}"
-            "{% elif message['role'] == 'assistant' %}"
-            f"{{{{ {lit(self.answer_prefix)} + text | trim + {lit(self.end_of_turn)} }}}}"
-            "{% endif %}{% endfor %}"
-        )
+        return _jinja(self)
+
+
+@lru_cache(maxsize=None)
+def _jinja(fmt: ChatFormat) -> str:
+    """Built once per format: ``format_of`` compares it on every encoded conversation."""
+    def lit(s: str) -> str:
+        return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+    return (
+        "{% set state = namespace(started=false) %}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}"
+        "{{ raise_exception('the course chat template has a fixed system line; send user/assistant turns only') }}"
+        "{% endif %}"
+        "{% if message['content'] is string %}{% set text = message['content'] %}{% else %}"
+        "{% set ns = namespace(text='') %}"
+        "{% for item in message['content'] %}"
+        f"{{% if item['type'] == 'image' %}}{{% set ns.text = ns.text + {lit(IMAGE_TOKEN + chr(10))} %}}"
+        "{% elif item['type'] == 'text' %}{% set ns.text = ns.text + item['text'] %}{% endif %}"
+        "{% endfor %}{% set text = ns.text %}{% endif %}"
+        "{% if message['role'] == 'user' %}"
+        f"{{% if not state.started %}}{{{{ {lit(fmt.system)} }}}}{{% set state.started = true %}}"
+        f"{{% else %}}{{{{ {lit(fmt.separator)} }}}}{{% endif %}}"
+        f"{{{{ {lit(fmt.user_prefix)} + text | trim + {lit(fmt.assistant_cue)} }}}}"
+        "{% elif message['role'] == 'assistant' %}"
+        f"{{{{ {lit(fmt.answer_prefix)} + text | trim + {lit(fmt.end_of_turn)} }}}}"
+        "{% endif %}{% endfor %}"
+    )
 
 
 INSTRUCT = ChatFormat("instruct", user_prefix="Instruct: ", assistant_cue="\nOutput:", answer_prefix=" ",

@@ -269,10 +269,9 @@ def _checkpoint_root(profile: Profile, out: Path) -> Path:
 
 
 def _read_meta(out: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads((out / "projector.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    from .real_data import _read_json_or_none
+
+    meta = _read_json_or_none(out / "projector.json")
     return meta if isinstance(meta, dict) else {}
 
 

@@ -217,15 +217,13 @@ def export_assistant(profile: Profile) -> Path:
 
 def exported_lm(path: Path) -> str | None:
     """The LM spec an export was made from (``None``: no finished export there, or an older one)."""
-    import json
-
     from .export import COURSE_MANIFEST
+    from .real_data import _read_json_or_none
+
     for name in (COURSE_MANIFEST, "capstone_export.json"):
-        try:
-            info = json.loads((path / name).read_text())
-        except (OSError, ValueError):
-            continue
-        return info.get("lm") if isinstance(info, dict) else None
+        info = _read_json_or_none(path / name)
+        if info is not None:
+            return info.get("lm") if isinstance(info, dict) else None
     return None
 
 
