@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .precision import describe
+
 GIB = 1 << 30
 # Dense bf16/fp16 tensor-core peak, TFLOP/s, by the name torch reports; and fp32 (no tensor cores).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40": 181.0, "A10": 125.0, "L4": 121.0,
@@ -155,6 +157,7 @@ def plan_training(profile: Any, stage: str, n_samples: int, mean_tokens: float, 
     mfu = MFU["stage2_checkpointing" if stage == "stage2" and checkpointing else stage]
     plan = StagePlan(stage, device, n_samples, steps, tokens, flops, mfu,
                      peak_gib=peak if device.kind == "cuda" else None)
+    plan.notes.append(describe(profile.runtime))
     if checkpointing:
         plan.notes.append("gradient checkpointing on: less memory, ~30% more time")
     if profile.runtime.rehearsal:
@@ -167,8 +170,10 @@ def plan_pretraining(profile: Any, n_params: int, tokens: int) -> StagePlan:
     p = profile.pretrain
     steps = max(1, tokens // max(1, p.global_batch_size * _block_size(profile)))
     half = not str(p.precision).startswith("32")          # LitGPT's "32-true" runs without tensor cores
-    return StagePlan("pretrain", find_device(profile), tokens // max(1, _block_size(profile)), steps, tokens,
+    plan = StagePlan("pretrain", find_device(profile), tokens // max(1, _block_size(profile)), steps, tokens,
                      6.0 * n_params * tokens, MFU["pretrain"], half=half)
+    plan.notes.append(f"LitGPT --precision {p.precision}; {describe(profile.runtime)}")
+    return plan
 
 
 def plan_features(profile: Any, n_images: int, vision_config: Any) -> StagePlan:

@@ -657,8 +657,10 @@ def grow_embeddings(model, rows: int) -> None:
                 head.bias[old:].zero_()
 
 
-def load_language_model(profile: Profile, dtype=None):
+def load_language_model(profile: Profile, dtype=None, attn_implementation: str | None = None):
     """``(AutoModelForCausalLM, tokenizer)`` of the profile's LM spec, ``<image>`` added, checked.
+
+    ``attn_implementation`` (e.g. ``"eager"``) overrides transformers' default attention.
 
     The embeddings are resized only if ``<image>`` got an id outside the model's vocabulary.
     ``tune_language_model`` swaps in a fused tanh GELU (Phi-2's ``gelu_new``; same function) and
@@ -677,6 +679,8 @@ def load_language_model(profile: Profile, dtype=None):
     # An explicit dtype: transformers 5 would otherwise load the checkpoint's own (fp16/bf16),
     # which runs slowly, or not at all, on a CPU.
     kwargs["dtype"] = dtype if dtype is not None else torch.float32
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
     fit_embeddings(model, tokenizer)
     from .lm_tuning import tune_language_model

@@ -49,6 +49,8 @@ _SHAPES_CPU = dict(
 )
 
 _BASE: dict[str, dict[str, Any]] = {
+    # precision: fp32 | bf16 | fp16 | auto (bf16 autocast where the hardware has native bf16 units,
+    # fp32 on other CPUs, fp16 on older GPUs; capstone_lib.precision).
     "runtime": dict(device="cpu", precision="fp32", num_workers=0, seed=1234,
                     drive_dir=None, keep_checkpoints=2, allow_skips=False,
                     # True only for the rehearsal profiles: random-weight stand-ins at the real
@@ -130,6 +132,8 @@ def _merge(base: dict, override: dict) -> dict:
 
 
 _CPU = _merge(_BASE, {
+    # bf16 autocast on a CPU with native bf16 units, else fp32 (docs/PERFORMANCE.md has the figures).
+    "runtime": dict(precision="auto"),
     "data": dict(shapesworld=_SHAPES_CPU),
     "pretrain": dict(
         model_name="pythia-capstone-cpu",
@@ -140,7 +144,7 @@ _CPU = _merge(_BASE, {
                           parallel_residual=True, bias=True),
         # 600k tokens (~290 steps, about half of the 20k-document corpus; ~1 minute on 2 cores).
         # More is not better here: the LM pretrained on 1.2M tokens ends stage 2 lower (0.83 vs 0.90).
-        vocab_size=1024, max_tokens=600_000, micro_batch_size=16, global_batch_size=16,
+        vocab_size=1024, max_tokens=600_000, micro_batch_size=16, global_batch_size=16, precision="auto",
         lr=3e-3, min_lr=3e-4, warmup_steps=50, save_interval=100, eval_interval=50,
         log_interval=10, eval_iters=8,
     ),
@@ -329,4 +333,21 @@ def get_profile(name: str | None = None, **overrides: dict[str, Any]) -> Profile
         raise ValueError(f"unknown profile {name!r}; choose one of {PROFILE_NAMES + ('auto',)}")
     raw = _merge(_RAW[name], overrides) if overrides else copy.deepcopy(_RAW[name])
     raw["lm"] = spec_from_section(raw["lm"]).to_dict()     # validated: a bad lm section fails here
+    _resolve_precision(raw)
     return Profile(name=name, raw=raw)
+
+
+def _resolve_precision(raw: dict[str, Any]) -> None:
+    """Turn ``runtime.precision: auto`` into the machine's choice (``capstone_lib.precision``).
+
+    The setting is kept as ``runtime.precision_setting`` and the reason as ``runtime.precision_reason``;
+    LitGPT pretraining's ``precision: auto`` follows the runtime's choice.
+    """
+    from .precision import LITGPT_PRECISION, resolve
+
+    runtime = raw["runtime"]
+    setting = runtime["precision"]
+    runtime["precision"], runtime["precision_reason"] = resolve(setting, runtime["device"])
+    runtime["precision_setting"] = setting
+    if raw["pretrain"].get("precision") == "auto":
+        raw["pretrain"]["precision"] = LITGPT_PRECISION[runtime["precision"]]

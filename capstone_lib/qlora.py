@@ -7,12 +7,11 @@ import torch
 
 from .profiles import Profile
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def compute_dtype(profile: Profile) -> torch.dtype:
-    """The dtype matmuls run in: bf16 on an A100, fp16 on a T4, fp32 on CPU."""
-    return _DTYPES[profile.runtime.precision]
+    """The dtype matmuls run in: bf16 on an A100 (and a bf16-capable CPU), fp16 on a T4, else fp32."""
+    from .precision import compute_dtype as dtype_of
+
+    return dtype_of(profile.runtime.precision)
 
 
 def load_base_lm(profile: Profile, name_or_path: str | Path, tokenizer=None):
@@ -25,10 +24,14 @@ def load_base_lm(profile: Profile, name_or_path: str | Path, tokenizer=None):
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = compute_dtype(profile)
+    from .precision import attention_implementation, storage_dtype
     from .trainer import resolve_device
 
-    kwargs = {"dtype": dtype, "device_map": {"": resolve_device(profile.runtime.device)}}
+    runtime = profile.runtime
+    dtype = compute_dtype(profile)
+    kwargs = {"dtype": storage_dtype(runtime.precision, runtime.device),
+              "attn_implementation": attention_implementation(runtime.precision, runtime.device),
+              "device_map": {"": resolve_device(runtime.device)}}
     if profile.stage2.quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -138,13 +138,15 @@ def build_model(profile: Profile, lm=None, tokenizer=None, projector: nn.Module 
     from .lm_tuning import tune_language_model
     from .mm_model import VisionLanguageModel
     from .pretrain import load_language_model
-    from .qlora import compute_dtype
+    from .precision import attention_implementation, storage_dtype
 
     if lm is None:
-        # Frozen weights may live in the compute dtype (bf16/fp16 on GPU); the projector stays fp32
-        # and autocast runs the matmuls in the profile's precision.
-        on_gpu = profile.runtime.device != "cpu"
-        lm, tokenizer = load_language_model(profile, dtype=compute_dtype(profile) if on_gpu else None)
+        # Frozen weights may live in the compute dtype (bf16/fp16 on GPU, fp32 on a CPU); the
+        # projector stays fp32 and autocast runs the matmuls in the profile's precision.
+        runtime = profile.runtime
+        lm, tokenizer = load_language_model(
+            profile, dtype=storage_dtype(runtime.precision, runtime.device),
+            attn_implementation=attention_implementation(runtime.precision, runtime.device))
     for p in lm.parameters():
         p.requires_grad_(False)
     # Frozen LM: dropout off (Phi-2 ships resid_pdrop 0.1; LLaVA's stage-1 Vicuna has none), plus

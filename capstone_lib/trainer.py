@@ -46,10 +46,10 @@ from tqdm.auto import tqdm
 from .checkpoint import (CheckpointError, check_writable, checkpoint_step, clean_partial, copy_into_model,
                          fault_point, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
                          verify_checkpoint)
+from .precision import PRECISIONS, autocast
 from .validation import DataError
 
 METRICS_FILE = "metrics.jsonl"
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -366,10 +366,7 @@ class Trainer:
         return bool(due.item())
 
     def _autocast(self):
-        if self.cfg.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.cfg.precision, self.device.type)
 
     # -------------------------------------------------------------------------- state
     def _tensors_to_save(self) -> dict[str, torch.Tensor]:

@@ -407,17 +407,28 @@ def attribute_probe(model, tokenizer, pixel_values: torch.Tensor, scenes: Sequen
     return out
 
 
-def _loss_with_negatives(model, tokenizer, pixel_values, ids, mask, same, negatives: list[str]):
-    """Contrastive loss where the images also see ``negatives`` (captions that match no image)."""
-    img = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
-    txt = F.normalize(model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, dim=-1)
+def _loss_with_negatives(model, tokenizer, pixel_values, ids, mask, same, negatives: list[str],
+                         precision: str = "fp32"):
+    """Contrastive loss where the images also see ``negatives`` (captions that match no image).
+
+    The towers run in ``precision``; similarities and the loss in fp32 (in bf16, logits of up to
+    100 keep only ~2 significant digits and the loss stalls).
+    """
+    from .precision import autocast
+
+    with autocast(precision, pixel_values.device.type):
+        img = model.get_image_features(pixel_values=pixel_values).pooler_output
+        txt = model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
+        if negatives:
+            enc = tokenizer(negatives, padding=True, truncation=True, return_tensors="pt")
+            neg = model.get_text_features(**enc).pooler_output
+    img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
     scale = model.logit_scale.exp()
     logits_img = scale * img @ txt.t()
     loss_t = contrastive_loss(logits_img, same)                  # both directions over real pairs
     if not negatives:
         return loss_t
-    enc = tokenizer(negatives, padding=True, truncation=True, return_tensors="pt")
-    neg = F.normalize(model.get_text_features(**enc).pooler_output, dim=-1)
+    neg = F.normalize(neg.float(), dim=-1)
     logits = torch.cat([logits_img, scale * img @ neg.t()], dim=1)
     target = torch.cat([same.float(), torch.zeros(len(img), len(neg))], dim=1)
     loss_i = -(target / target.sum(1, keepdim=True) * F.log_softmax(logits, 1)).sum(1).mean()
@@ -427,15 +438,18 @@ def _loss_with_negatives(model, tokenizer, pixel_values, ids, mask, same, negati
 def fit_tiny_clip(model, tokenizer, pixel_values: torch.Tensor, captions: Sequence[Sequence[str]],
                   steps: int, batch_size: int, lr: float, seed: int = 0, warmup_ratio: float = 0.05,
                   weight_decay: float = 0.05, hard_negatives: Sequence[str] = (),
-                  log: Callable[[str], None] | None = None) -> list[float]:
+                  log: Callable[[str], None] | None = None, precision: str = "fp32") -> list[float]:
     """Train ``model`` (a ``CLIPModel``) contrastively on image/caption pairs; returns per-step losses.
 
     Each step draws ``batch_size`` distinct images and one of each image's captions. With
     ``hard_negatives`` (kinds among "color", "shape", "position") every image also has to reject
     copies of its caption with one such fact changed (``caption_negatives``): a plain contrastive
     loss only learns what tells the images of a batch apart, which is mostly colour.
+    ``precision`` (``capstone_lib.precision``): the towers' compute format; the loss stays fp32.
     """
     from tqdm.auto import tqdm
+
+    from .precision import attention_implementation
 
     max_len = model.config.text_config.max_position_embeddings
     ids, mask, owner, text_id, texts = _encode_captions(tokenizer, captions, max_len)
@@ -450,6 +464,8 @@ def fit_tiny_clip(model, tokenizer, pixel_values: torch.Tensor, captions: Sequen
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     max_scale = math.log(100.0)              # CLIP clamps its temperature at 100
+    default_attention = model.config._attn_implementation
+    model.set_attn_implementation(attention_implementation(precision, "cpu"))
     model.train()
     losses = []
     bar = tqdm(range(steps), desc="tiny CLIP", leave=False)
@@ -458,15 +474,9 @@ def fit_tiny_clip(model, tokenizer, pixel_values: torch.Tensor, captions: Sequen
         rows = torch.tensor([rng.choice(by_image[i]) for i in images.tolist()])
         length = int(mask[rows].sum(1).max())          # trim padding shared by the whole batch
         same = text_id[rows][:, None] == text_id[rows][None, :]
-        if hard_negatives:
-            loss = _loss_with_negatives(model, tokenizer, pixel_values[images], ids[rows, :length],
-                                        mask[rows, :length], same,
-                                        [n for r in rows.tolist()
-                                         for n in caption_negatives(texts[r], rng, hard_negatives)])
-        else:
-            out = model(input_ids=ids[rows, :length], attention_mask=mask[rows, :length],
-                        pixel_values=pixel_values[images])
-            loss = contrastive_loss(out.logits_per_image, same)
+        negatives = [n for r in rows.tolist() for n in caption_negatives(texts[r], rng, hard_negatives)]
+        loss = _loss_with_negatives(model, tokenizer, pixel_values[images], ids[rows, :length],
+                                    mask[rows, :length], same, negatives, precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -479,6 +489,7 @@ def fit_tiny_clip(model, tokenizer, pixel_values: torch.Tensor, captions: Sequen
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if log and (step + 1) % max(1, steps // 5) == 0:
             log(f"step {step + 1}/{steps}  contrastive loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.set_attn_implementation(default_attention)
     model.eval()
     return losses
 
@@ -554,9 +565,13 @@ def train_tiny_clip(profile: Profile, paths=None, force: bool = False) -> Path:
     val_caps = [r.captions[0] for r in val]
     group = min(16, len(val))
     before = caption_retrieval_accuracy(model, tokenizer, val_px, val_caps, group)
+    from .precision import describe
+
+    print(f"tiny CLIP: {v.clip_train_steps} steps of {v.clip_batch_size} images; {describe(profile.runtime)}")
     losses = fit_tiny_clip(model, tokenizer, train_px, [r.captions for r in train],
                            steps=v.clip_train_steps, batch_size=v.clip_batch_size, lr=v.clip_lr,
-                           seed=profile.runtime.seed, hard_negatives=v.clip_hard_negatives, log=print)
+                           seed=profile.runtime.seed, hard_negatives=v.clip_hard_negatives, log=print,
+                           precision=profile.runtime.precision)
     after = caption_retrieval_accuracy(model, tokenizer, val_px, val_caps, group)
     metrics = {"seconds": round(time.perf_counter() - t0, 1), "steps": len(losses),
                "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:]),
