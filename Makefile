@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.capstone-installed
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 export TORCHDYNAMO_DISABLE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
-.PHONY: setup course test unit notebooks-smoke notebooks-cpu rehearsal bench clean
+.PHONY: setup course seeds test unit notebooks-smoke notebooks-cpu rehearsal bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 
 course: setup
 	CAPSTONE_PROFILE=cpu $(PY) -m capstone_lib.course --profile cpu
+
+# The whole cpu course from three runtime seeds (not part of CI): runs/seeds/seeds.json.
+seeds: setup
+	$(PY) tools/seeds.py
 
 # Unit tests (smoke-size, fast), then every notebook under nbmake on smoke and on cpu
 # (the cpu run asserts the learning thresholds), then on both rehearsal profiles.
@@ -54,7 +58,9 @@ rehearsal: setup
 		CAPSTONE_PROFILE=$$p $(PY) -m pytest -q --nbmake notebooks || exit 1; \
 	done
 
+# Speed levers of the cpu course against fp32 (tools/bench_levers.py), then the stage benchmarks.
 bench: setup
+	env -u TORCHDYNAMO_DISABLE $(PY) tools/bench_levers.py
 	$(PY) -m capstone_lib.bench
 
 clean:

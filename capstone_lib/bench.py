@@ -461,7 +461,7 @@ def bench_stage1(shape: BenchShape, lm, precision: str, device: torch.device, tm
               "in_loop_times_s": t["in_loop"], "in_loop_decode_times_s": t["decode"]}
     if profile_ops:
         result["profile"] = op_profile(lambda: train_step(trainer, batch), device)
-    del trainer, loop_trainer, cached, in_loop, tower
+    trainer = loop_trainer = cached = in_loop = tower = None     # free them before the next shape
     _free(device)
     return result
 
@@ -538,7 +538,7 @@ def bench_stage2(shape: BenchShape, profile, lm_dir: Path, device: torch.device,
     result = {"gradient_checkpointing": gradient_checkpointing, "batch": B, "seq_len": T,
               "lora_r": prof.stage2.lora_r, "trainable_params": sum(p.numel() for p in trainer.params),
               **throughput(t["step"], t["probe"], flops, B, B * T), "memory": memory}
-    del trainer, model, lm
+    trainer = model = lm = None     # free them before the next shape
     _free(device)
     return result
 
@@ -632,8 +632,8 @@ def device_info(device: torch.device) -> dict[str, Any]:
         info.update(name=props.name, memory_gib=props.total_memory / GIB)
     else:
         cpuinfo = Path("/proc/cpuinfo")
-        names = [l.split(":", 1)[1].strip() for l in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
-                 if l.startswith("model name")]
+        names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+                 if line.startswith("model name")]
         info["name"] = names[0] if names else (platform.processor() or platform.machine())
     return info
 

@@ -234,13 +234,13 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
         files = manifest["files"]
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no {MANIFEST_FILE} (partial checkpoint)") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{mpath}: unreadable manifest ({err})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({type(err).__name__}: {err})") from None
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{mpath}: 'files' must be an object, got {type(files).__name__}")
     for name in (MODEL_FILE, STATE_FILE, META_FILE):
         if name not in files:
             raise CheckpointError(f"{mpath}: {name} is not listed")
-    if not isinstance(files, dict):
-        raise CheckpointError(f"{mpath}: 'files' must be an object")
     for name, info in files.items():
         f, problem = file_in(path, name)
         if f is None or name not in (MODEL_FILE, STATE_FILE, META_FILE):

@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 from .profiles import REPO_ROOT, get_profile
+from .fileio import write_json_atomic
 from .report import load_report, report_path
 
 
@@ -26,7 +26,6 @@ def run_notebook(path: Path, out_dir: Path, timeout: int = 3600) -> float:
     """Execute one notebook (kernel cwd = notebooks/), save the executed copy; return seconds."""
     import nbformat
     from nbclient import NotebookClient
-    from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    done in {sec:.0f} s", flush=True)
     report = load_report(profile)
     report["course_wall_seconds"] = round(time.perf_counter() - t0, 1)
-    report_path(profile).write_text(json.dumps(report, indent=2, sort_keys=True))
+    write_json_atomic(report_path(profile), report, indent=2, sort_keys=True)
     print(summary(report))
     print(f"report: {report_path(profile)}")
     return 0

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from .profiles import Profile
-from .validation import DataError, SkipCounter
+from .fileio import read_json_or_none, write_json_atomic
+from .validation import DataError, SkipCounter, load_json
 
 FORMAT_VERSION = 1
 
@@ -70,9 +71,13 @@ class FeatureCache:
         meta_path = cache_dir / "meta.json"
         if not meta_path.is_file():
             raise DataError("no finished feature cache here (meta.json missing)", path=cache_dir)
-        meta = json.loads(meta_path.read_text())
-        index = json.loads((cache_dir / "index.json").read_text())
-        array = np.load(cache_dir / "features.npy", mmap_mode="r")
+        meta, index = load_json(meta_path), load_json(cache_dir / "index.json")
+        _check_meta(meta, meta_path)
+        try:
+            array = np.load(cache_dir / "features.npy", mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise DataError(f"unreadable features array: {err}", path=cache_dir / "features.npy") from None
+        _check_index(index, len(array), cache_dir / "index.json")
         if list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]:
             raise DataError(f"features.npy is {array.shape} {array.dtype}, meta.json says "
                             f"{meta['shape']} {meta['dtype']}", path=cache_dir / "features.npy")
@@ -131,13 +136,44 @@ def _wanted_meta(fingerprint: str, layer: int, drop_cls: bool, dtype: str, ids: 
             "drop_cls": bool(drop_cls), "dtype": str(np.dtype(dtype)), "ids_hash": _ids_hash(ids)}
 
 
+def _check_meta(meta: Any, path: Path) -> None:
+    """``meta.json`` must be an object with an integer ``shape`` (N, tokens, dim) and a ``dtype`` string."""
+    if not isinstance(meta, dict):
+        raise DataError(f"must be an object, got {type(meta).__name__}", path=path)
+    shape = meta.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
+        raise DataError(f"'shape' must be three non-negative integers, got {shape!r}", path=path)
+    for key in ("dtype", "fingerprint"):
+        if not isinstance(meta.get(key), str):
+            raise DataError(f"{key!r} must be a string, got {meta.get(key)!r}", path=path)
+
+
+def _check_index(index: Any, n_rows: int, path: Path) -> None:
+    """``index.json`` must map image ids to rows of the array: two equal-length integer lists, rows in range."""
+    if not isinstance(index, dict) or not isinstance(index.get("ids"), list) or not isinstance(index.get("rows"), list):
+        raise DataError("must be an object with the lists 'ids' and 'rows'", path=path)
+    ids, rows = index["ids"], index["rows"]
+    if len(ids) != len(rows):
+        raise DataError(f"{len(ids)} ids but {len(rows)} rows", path=path)
+    for i, (image_id, row) in enumerate(zip(ids, rows)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (image_id, row)) or not 0 <= row < n_rows:
+            raise DataError(f"entry {i}: id {image_id!r} -> row {row!r} is not an integer id and a row of "
+                            f"the {n_rows}-row array", path=path)
+    skipped = index.get("skipped", 0)
+    if skipped is not None and (not isinstance(skipped, int) or isinstance(skipped, bool) or skipped < 0):
+        raise DataError(f"'skipped' must be a count of images, got {skipped!r}", path=path)
+
+
 def _why_stale(cache_dir: Path, wanted: dict) -> str | None:
     """None if the cache in ``cache_dir`` matches ``wanted``, else a reason it must be rebuilt."""
     meta_path = cache_dir / "meta.json"
     if not meta_path.is_file():
         return "no cache yet" if not cache_dir.exists() or not any(cache_dir.iterdir()) else \
             "unfinished cache (meta.json missing)"
-    meta = json.loads(meta_path.read_text())
+    meta = read_json_or_none(meta_path)
+    if not isinstance(meta, dict):
+        return "unreadable meta.json"
     names = {"fingerprint": "encoder changed", "layer": "layer changed", "drop_cls": "drop_cls changed",
              "dtype": "dtype changed", "ids_hash": "image ids changed", "format": "cache format changed"}
     for key, why in names.items():
@@ -148,12 +184,6 @@ def _why_stale(cache_dir: Path, wanted: dict) -> str | None:
             return f"{why} ({old} -> {new})" if key != "ids_hash" else why
     return None
 
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def build_feature_cache(vision_model, image_processor, items: Sequence[tuple[int, str | Path]],
@@ -180,9 +210,12 @@ def build_feature_cache(vision_model, image_processor, items: Sequence[tuple[int
     wanted = _wanted_meta(encoder_fingerprint(vision_model, image_processor), layer, drop_cls, dtype, ids)
     why = _why_stale(cache_dir, wanted)
     if why is None:
-        cache = FeatureCache.open(cache_dir)
-        print(f"feature cache reused: {cache}")
-        return cache
+        try:
+            cache = FeatureCache.open(cache_dir)
+            print(f"feature cache reused: {cache}")
+            return cache
+        except DataError as err:        # a damaged cache is rebuilt, like a stale one
+            why = f"damaged ({err})"
     if why != "no cache yet":
         print(f"feature cache {cache_dir}: rebuilding, {why}")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -224,11 +257,11 @@ def build_feature_cache(vision_model, image_processor, items: Sequence[tuple[int
     del array
     os.replace(tmp_path, cache_dir / "features.npy")
     n_skipped = (skips.count - skipped_before) if skips is not None else 0
-    _atomic_write_json(cache_dir / "index.json", {"ids": list(rows), "rows": list(rows.values()),
+    write_json_atomic(cache_dir / "index.json", {"ids": list(rows), "rows": list(rows.values()),
                                                   "skipped": n_skipped})
     meta = dict(wanted, shape=shape, n_images=len(rows), encoder=getattr(vision_model.config,
                                                                          "_name_or_path", ""))
-    _atomic_write_json(cache_dir / "meta.json", meta)
+    write_json_atomic(cache_dir / "meta.json", meta)
     if n_skipped:
         print(f"feature cache {cache_dir}: {n_skipped} images skipped\n{skips.report()}")
     return FeatureCache.open(cache_dir)
@@ -260,11 +293,11 @@ def merge_feature_shards(cache_dir: str | Path, world_size: int) -> FeatureCache
     out.flush()
     del out
     os.replace(tmp_path, cache_dir / "features.npy")
-    _atomic_write_json(cache_dir / "index.json", {"ids": ids, "rows": list(range(len(ids))),
+    write_json_atomic(cache_dir / "index.json", {"ids": ids, "rows": list(range(len(ids))),
                                                   "skipped": sum(s.skipped or 0 for s in shards)})
     meta = {k: shards[0].meta[k] for k in keys}
     meta.update(shape=shape, n_images=len(ids), ids_hash=_ids_hash(ids), merged_from=world_size)
-    _atomic_write_json(cache_dir / "meta.json", meta)
+    write_json_atomic(cache_dir / "meta.json", meta)
     return FeatureCache.open(cache_dir)
 
 
@@ -365,9 +398,9 @@ def merge_shards_in_order(cache_dir: str | Path, items: Sequence[tuple[int, str 
     del out
     os.replace(tmp_path, cache_dir / "features.npy")
     order = [int(i) for i, _ in items if int(i) in kept]
-    _atomic_write_json(cache_dir / "index.json", {"ids": order, "rows": [position[i] for i in order],
+    write_json_atomic(cache_dir / "index.json", {"ids": order, "rows": [position[i] for i in order],
                                                   "skipped": sum(int(s.skipped or 0) for s in shards)})
-    _atomic_write_json(cache_dir / "meta.json", dict(wanted, shape=shape, n_images=len(order), encoder=encoder))
+    write_json_atomic(cache_dir / "meta.json", dict(wanted, shape=shape, n_images=len(order), encoder=encoder))
     del shards
     shutil.rmtree(cache_dir / "shards", ignore_errors=True)
     return FeatureCache.open(cache_dir)
@@ -382,7 +415,7 @@ def ensure_feature_cache(profile: Profile, split: str, vision=None) -> FeatureCa
     """
     from .coco import load_coco_captions
     from .real_data import dataset_paths
-    from .trainer import init_distributed, rank_zero_first
+    from .distributed import init_distributed, rank_zero_first
     from .vision import load_vision_tower
 
     rank, world = init_distributed(profile.runtime.device)

@@ -1,15 +1,53 @@
 """The seed-bug lessons: rerun a slice of stage 2 with one defect of the earlier write-ups on.
 
-Each defect is a switch in ``stage1.SeedBugs`` (default off). ``run_lessons`` trains the
+Each defect is a switch in ``SeedBugs`` (default off), applied to the encoded samples by the
+stage datasets through ``apply_seed_bugs``. ``run_lessons`` trains the
 same short slice with the defect on, evaluates it with the same held-out evaluation as
 the course, and returns one row per defect next to the correct recipe.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from .chat import IGNORE_INDEX
 from .profiles import Profile
-from .stage1 import SeedBugs, ensure_projector, load_projector
+from .projector import load_projector
+
+
+@dataclass
+class SeedBugs:
+    """Defects of the earlier write-ups, switched on only for the lesson in notebook 04."""
+
+    unmasked_labels: bool = False     # supervise image and prompt positions too
+    no_teacher_forcing: bool = False  # never feed the answer as input
+
+    def any(self) -> bool:
+        """True when any defect is on."""
+        return self.unmasked_labels or self.no_teacher_forcing
+
+
+def apply_seed_bugs(input_ids: list[int], labels: list[int], bugs: SeedBugs | None
+                    ) -> tuple[list[int], list[int]]:
+    """Re-create a defect of the earlier write-ups on one encoded sample (lesson only).
+
+    The third defect, "adapter not loaded", is a model, not a sample: ``without_adapter``.
+    """
+    if bugs is None or not bugs.any():
+        return input_ids, labels
+    if bugs.unmasked_labels:
+        labels = list(input_ids)
+    if bugs.no_teacher_forcing:
+        # The answer never enters the input: the prompt positions are trained to emit it.
+        prompt = [t for t, lab in zip(input_ids, labels) if lab == IGNORE_INDEX]
+        answer = [lab for lab in labels if lab != IGNORE_INDEX]
+        k = min(len(answer), len(prompt))
+        input_ids = prompt
+        labels = [IGNORE_INDEX] * (len(prompt) - k) + answer[:k]
+        # HF shifts labels by one inside the loss; undo that so position i predicts answer[i].
+        labels = labels[1:] + [IGNORE_INDEX]
+    return input_ids, labels
+
 
 DEFECTS: dict[str, SeedBugs] = {
     "correct recipe": SeedBugs(),
@@ -35,7 +73,7 @@ def without_adapter(profile: Profile):
     from .pretrain import load_language_model
     from .stage2 import stage2_dir
 
-    from .trainer import resolve_device
+    from .distributed import resolve_device
 
     lm, tokenizer = load_language_model(profile)
     projector, _ = load_projector(stage2_dir(profile) / "projector")
@@ -46,6 +84,7 @@ def without_adapter(profile: Profile):
 def run_lessons(profile: Profile, steps: int, n_questions: int = 100, n_captions: int = 40,
                 defects: dict[str, SeedBugs] | None = None) -> dict[str, dict[str, Any]]:
     """Train ``steps`` stage-2 steps per defect from the stage-1 projector; evaluate each."""
+    from .stage1 import ensure_projector
     from .stage2 import train_stage2
 
     rows: dict[str, dict[str, Any]] = {}

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .fileio import write_json_atomic
 from .profiles import REPO_ROOT, Profile
 from .tokenizer import load_tokenizer, prepare_tokenizer
 
@@ -311,10 +312,10 @@ def run_pretraining(profile: Profile, max_tokens: int | None = None, resume: boo
         if result.resumed_from is None and result.initial_val_loss is not None:
             summary["initial_val_loss"] = result.initial_val_loss
         summary.update(final_val_loss=result.final_val_loss, last_run_seconds=round(result.seconds, 1))
-        paths.summary.write_text(json.dumps(summary, indent=2))
+        write_json_atomic(paths.summary, summary, indent=2)
     result.initial_val_loss = summary.get("initial_val_loss", result.initial_val_loss)
     summary["settings"] = _settings_key(cmd)          # only a finished run counts as done
-    paths.summary.write_text(json.dumps(summary, indent=2))
+    write_json_atomic(paths.summary, summary, indent=2)
     return result
 
 

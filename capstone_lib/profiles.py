@@ -10,10 +10,10 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from .lm_spec import lm_preset, spec_from_section
+from .profile_sections import SECTIONS, SettingsError, check_overrides
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILE_NAMES = ("smoke", "cpu", "t4", "a100", "a100x8", "a100x16", "t4-rehearsal", "a100-rehearsal")
@@ -30,21 +30,15 @@ _SHAPES_CPU = dict(
     seed=0, image_size=64, n_train=10000, n_val=300, max_objects=3,
     # 4-5 exchanges per training conversation (the eval keeps 5 questions per held-out image).
     captions_per_image=4, questions_per_image=5, corpus_docs=20000,
-    # Captions, chats that state a scene and then talk about it (2-5 exchanges), and sentences.
-    # Measured (stage 2 after 5000 steps, 300 held-out questions): this mix with 600k pretraining
-    # tokens VQA 0.90; a chat-heavy mix (1:3:0) with 1.2M tokens 0.82-0.85; this mix with 1.2M
-    # tokens 0.83, with 300k 0.67 (README "Results").
+    # The pretraining corpus: captions, chats that state a scene and then talk about it (2-5
+    # exchanges), and sentences, in these proportions (docs/EXPERIMENTS.md compares mixes).
     corpus_mix={"captions": 4, "chat": 4, "text": 2}, corpus_chat_turns=5,
-    # 60% of the training conversations ask for a description (default 30%). With 3-4 exchanges
-    # that traded questions for captions (CI: VQA 0.82 / 0.75, "exists" back on its plateau);
-    # with 4-5 exchanges there are more question turns than before *and* more descriptions: the
-    # same LM, CLIP and projector went from VQA 0.82 (captions 0.98) to 0.97 / 0.93 (README "Results").
+    # Share of training conversations that ask for a description (the rest only ask questions).
     describe_fraction=0.6,
     # Yes/no ("exists") answers state their evidence first: "Is there a red square?" -> "The square
     # is blue, so no." The comparison then happens in text, after a lookup the model already makes
-    # for colour questions; the evaluation reads the verdict after the closing "so". Without it,
-    # "exists" often sat on its coin-flip plateau (seed 1236, 6000 steps: VQA 0.82, exists 0.57);
-    # with it, the same seed at 5000 steps: VQA 0.98, exists 0.95 (README "Results").
+    # for colour questions; the evaluation reads the verdict after the closing "so". Without it
+    # "exists" can stay at chance (docs/EXPERIMENTS.md).
     explain_exists=True,
 )
 
@@ -142,8 +136,8 @@ _CPU = _merge(_BASE, {
         model_config=dict(block_size=128, n_layer=4, n_head=4, n_embd=128,
                           intermediate_size=512, rotary_percentage=0.25,
                           parallel_residual=True, bias=True),
-        # 600k tokens (~290 steps, about half of the 20k-document corpus; ~1 minute on 2 cores).
-        # More is not better here: the LM pretrained on 1.2M tokens ends stage 2 lower (0.83 vs 0.90).
+        # 600k tokens: ~290 steps, about half of the 20k-document corpus (longer pretraining
+        # ended stage 2 lower; docs/EXPERIMENTS.md).
         vocab_size=1024, max_tokens=600_000, micro_batch_size=16, global_batch_size=16, precision="auto",
         lr=3e-3, min_lr=3e-4, warmup_steps=50, save_interval=100, eval_interval=50,
         log_interval=10, eval_iters=8,
@@ -152,24 +146,19 @@ _CPU = _merge(_BASE, {
                                     intermediate_size=256, num_hidden_layers=4,
                                     num_attention_heads=4, projection_dim=64,
                                     text_hidden_size=64, text_layers=2, text_max_len=40),
-                   # 2000 steps at lr 1e-3 (~3 min): a linear probe reads the shape under one patch
-                   # token at 0.98 (1200 steps at 2e-3: 0.945, at 4e-3: 0.70). Circles mistaken for
-                   # squares were half of the wrong captions; this took captions from 0.77 to 0.90.
+                   # Long enough that a linear probe reads the shape under one patch token (~0.98):
+                   # a blurrier CLIP confuses circles and squares in the captions.
                    clip_train_steps=2000, clip_batch_size=64, clip_lr=1e-3),
     # 9 image tokens + prompt + caption fit in the 128-token context of the notebook-01 LM.
     "stage1": dict(max_steps=400, max_len=128, micro_batch_size=32, grad_accum=1, eval_every=200,
                    save_every=200, n_eval_captions=64),
-    # 4500 steps (~6.5-9.5 min on 2 cores, by machine). With the 1200-step CLIP, 5000 / 7000
-    # steps gave VQA 0.90 / 0.93 and captions 0.68 / 0.81; with the sharper CLIP above and the data
-    # above, 5000 steps gave 0.98 / 0.98 and 0.963 / 0.98 in CI, but 0.897 / 0.93 from seed 1235 and
-    # 0.82 / 0.95 from seed 1236 even with 6000 steps ("exists" on its plateau). With the explained
-    # yes/no answers above, 5000 steps: seed 1235 0.973 / 0.95, seed 1236 0.983 / 0.94 (README "Results").
-    # For time (the course's ~15 minutes), 4500: seed 1234 0.96 / 0.92 and 0.957 / 0.91 (`make course`),
-    # 0.94 / 0.89 in CI, seed 1235 0.973 / 0.97 (4000: 0.933 / 0.84; 5000 in CI: 0.983 / 0.97).
-    "stage2": dict(max_steps=4500, lr=3e-3, projector_lr=1e-3, micro_batch_size=16,
+    # Stage 2 steps: the fewest that met the bar (VQA >= 0.90, captions >= 0.80) on every seed
+    # tried (docs/EXPERIMENTS.md; `make seeds` rechecks it).
+    # A ~1M-parameter base needs no 4-bit: full precision is ~1.2x faster per step (make bench).
+    "stage2": dict(max_steps=4500, lr=3e-3, projector_lr=1e-3, micro_batch_size=16, quantize_4bit=False,
                    grad_accum=1, lora_r=16, lora_alpha=32, eval_every=1000, save_every=1000),
-    # 150 lesson steps: each defect shows its cost (300 took 154 s and "labels not masked" did not).
-    # Captions on all 300 held-out images: on 100, one run's accuracy swings by +-0.04.
+    # Lesson steps per seed bug: enough that each defect shows its cost (notebook 04b).
+    # Captions on all 300 held-out images (on 100, one run's accuracy swings by +-0.04).
     "eval": dict(n_questions=300, n_captions=300, lesson_steps=150, lesson_questions=100),
 })
 
@@ -272,16 +261,29 @@ _RAW: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Profile:
-    """A named, read-only bundle of settings; ``profile.stage1.lr`` and friends."""
+    """A named, read-only bundle of settings; ``profile.stage1.lr`` and friends.
+
+    Each section is a frozen dataclass (``profile_sections``), built and type-checked here;
+    ``profile.lm`` is the ``LMSpec``.
+    """
 
     name: str
     raw: dict[str, Any] = field(repr=False)
 
-    def __getattr__(self, section: str) -> SimpleNamespace:
-        raw = object.__getattribute__(self, "raw")
-        if section not in raw:
-            raise AttributeError(f"profile {self.name!r} has no section {section!r}")
-        return SimpleNamespace(**raw[section])
+    def __post_init__(self) -> None:
+        sections: dict[str, Any] = {"lm": spec_from_section(self.raw["lm"])}
+        for key, values in self.raw.items():
+            if key != "lm":
+                if key not in SECTIONS:
+                    raise SettingsError(f"profile {self.name!r}: unknown section {key!r}")
+                sections[key] = SECTIONS[key].build(values, self.name)
+        object.__setattr__(self, "_sections", sections)
+
+    def __getattr__(self, section: str) -> Any:
+        sections = self.__dict__.get("_sections", {})
+        if section in sections:
+            return sections[section]
+        raise AttributeError(f"profile {self.name!r} has no section {section!r} (sections: {', '.join(sections)})")
 
     @property
     def run_dir(self) -> Path:
@@ -331,10 +333,21 @@ def get_profile(name: str | None = None, **overrides: dict[str, Any]) -> Profile
         name = detect_auto()
     if name not in _RAW:
         raise ValueError(f"unknown profile {name!r}; choose one of {PROFILE_NAMES + ('auto',)}")
+    check_overrides(name, overrides, list(_RAW[name]))
     raw = _merge(_RAW[name], overrides) if overrides else copy.deepcopy(_RAW[name])
+    if os.environ.get("CAPSTONE_SEED"):          # `make seeds`: the same course from another seed
+        raw["runtime"]["seed"] = _seed_from_env(os.environ["CAPSTONE_SEED"])
     raw["lm"] = spec_from_section(raw["lm"]).to_dict()     # validated: a bad lm section fails here
     _resolve_precision(raw)
     return Profile(name=name, raw=raw)
+
+
+def _seed_from_env(value: str) -> int:
+    """``CAPSTONE_SEED`` as an int, or a ValueError that names the variable."""
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"CAPSTONE_SEED must be an integer, got {value!r}") from None
 
 
 def _resolve_precision(raw: dict[str, Any]) -> None:

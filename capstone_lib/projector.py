@@ -14,7 +14,14 @@ projector and generated with another (a residual block commented out in one plac
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from .fileio import write_json_atomic
 
 PROJECTOR_KINDS = ("linear", "resblock", "mlp2x_gelu")
 
@@ -97,3 +104,23 @@ def projector_kind(module: nn.Module) -> str:
         return kind
     names = {name for name, _ in module.named_children()}
     return "mlp2x_gelu" if {"linear_1", "act", "linear_2"} <= names else type(module).__name__
+
+
+def save_projector(projector: nn.Module, meta: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``projector.safetensors`` and ``projector.json`` (kind, dims, encoder) atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in projector.state_dict().items()}
+    save_file(state, out / "projector.safetensors.tmp")
+    (out / "projector.safetensors.tmp").replace(out / "projector.safetensors")
+    write_json_atomic(out / "projector.json", meta, indent=2)
+    return out
+
+
+def load_projector(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the projector saved by ``save_projector`` and load its weights (strict)."""
+    out = Path(out_dir)
+    meta = json.loads((out / "projector.json").read_text())
+    projector = build_projector(meta["kind"], meta["vision_dim"], meta["text_dim"])
+    projector.load_state_dict(load_file(out / "projector.safetensors"), strict=True)
+    return projector, meta

@@ -25,7 +25,7 @@ def load_base_lm(profile: Profile, name_or_path: str | Path, tokenizer=None):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from .precision import attention_implementation, storage_dtype
-    from .trainer import resolve_device
+    from .distributed import resolve_device
 
     runtime = profile.runtime
     dtype = compute_dtype(profile)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from .fileio import read_json_or_none
 from .shapesworld import ShapesWorldPaths
 from .validation import DataError, SkipCounter, load_json, raise_or_skip
 
@@ -472,7 +473,7 @@ def _ensure(profile: Any, sources: RealDataSources, base: Path, progress: bool) 
                     llava_val_images=n_heldout, seed=seed)
     root = base / f"view-{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]}"
     paths = RealDataPaths(root)
-    manifest = _read_json_or_none(paths.manifest)
+    manifest = read_json_or_none(paths.manifest)
     if manifest and manifest.get("settings") == settings:
         return paths
 
@@ -499,13 +500,6 @@ def _ensure(profile: Any, sources: RealDataSources, base: Path, progress: bool) 
     if skips is not None and skips.count:
         print(f"real data: {skips.report()}")
     return paths
-
-
-def _read_json_or_none(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 def _present(names: list[str], folder: Path, coco_json: Path, skips: SkipCounter | None) -> list[str]:
@@ -581,7 +575,7 @@ def _write_view(paths: RealDataPaths, store: Path, plan: _Plan, settings: dict, 
     try:
         os.replace(tmp, paths.root)
     except OSError:                           # another process finished the same view first
-        if (_read_json_or_none(paths.manifest) or {}).get("settings") != settings:
+        if (read_json_or_none(paths.manifest) or {}).get("settings") != settings:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -17,8 +17,6 @@ exported checkpoint, or any wrapper around the in-library model.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 from collections import Counter
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .validation import DataError, SkipCounter, load_json, raise_or_skip
+from .fileio import write_json_atomic
 
 AnswerFn = Callable[[str, str], str]
 POPE_QUESTION = "Is there a {} in the image?"
@@ -288,8 +287,4 @@ def shapesworld_instances(paths: Any, out: str | Path | None = None) -> Path:
     data = {"info": {**captions.get("info", {}), "description": "ShapesWorld val (COCO instances format)"},
             "licenses": captions.get("licenses", []), "images": captions["images"],
             "annotations": annotations, "categories": categories}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, separators=(",", ":")), encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return write_json_atomic(out, data, separators=(",", ":"))

@@ -3,14 +3,20 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .validation import DataError
+from .validation import DataError, check_text
 
 
 def _open(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with _open(path) as f:
+        yield from enumerate(f, start=1)
 
 
 def iter_jsonl_texts(path: str | Path) -> Iterator[str]:
@@ -21,9 +27,9 @@ def iter_jsonl_texts(path: str | Path) -> Iterator[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", path=path)
-    n = 0
-    with _open(path) as f:
-        for lineno, raw in enumerate(f, start=1):
+    n, lineno = 0, 0
+    try:
+        for lineno, raw in _lines(path):
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")
@@ -35,6 +41,10 @@ def iter_jsonl_texts(path: str | Path) -> Iterator[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"not JSON (column {err.colno}: {err.msg})", path=where) from None
+            except RecursionError:
+                raise DataError("JSON nested too deeply to read", path=where) from None
+            except ValueError as err:    # e.g. an integer of more digits than Python converts
+                raise DataError(f"unreadable JSON value: {err}", path=where) from None
             if not isinstance(obj, dict):
                 raise DataError(f"line must be a JSON object, got {type(obj).__name__}", path=where)
             text = obj.get("text")
@@ -42,7 +52,10 @@ def iter_jsonl_texts(path: str | Path) -> Iterator[str]:
                 raise DataError("no string 'text' field" if text is None else
                                 f"'text' must be a string, got {type(text).__name__}", path=where)
             n += 1
-            yield text
+            yield check_text(text, "'text'", path=where)
+    except (EOFError, OSError, zlib.error) as err:     # a truncated or corrupt .gz
+        raise DataError(f"cannot read past line {lineno}: {err or type(err).__name__} "
+                        "(a truncated or corrupt file; download it again)", path=path) from None
     if n == 0:
         raise DataError("empty corpus: no jsonl records", path=path)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .profiles import Profile
+from .fileio import write_json_atomic
 
 
 def report_path(profile: Profile) -> Path:
@@ -30,9 +31,7 @@ def _write(profile: Profile, report: dict[str, Any]) -> None:
     report["seconds_total"] = round(sum(report["stages"].values()), 1)
     report["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
                          "cpus": os.cpu_count()}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, report, indent=2, sort_keys=True)
 
 
 def record_stage(profile: Profile, stage: str, seconds: float,

@@ -9,56 +9,24 @@ The recipe (LLaVA-1.5 stage 1) and the guards against the earlier write-ups' bug
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .batching import collate_padded, shuffled_batches
 from .chat import (CAPTION_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, TemplateError, caption_conversation,
                    encode_conversation)
+from .lessons import SeedBugs, apply_seed_bugs
 from .profiles import Profile
-from .projector import build_projector
+from .fileio import read_json_or_none
+from .projector import build_projector, save_projector
 from .validation import SkipCounter, raise_or_skip, sample_subset
 
 CAPTION_PROMPTS = (CAPTION_PROMPT, "What is in this picture?", "Give a short caption for the image.",
                    "What do you see?")
-
-
-@dataclass
-class SeedBugs:
-    """Defects of the earlier write-ups, switched on only for the lesson in notebook 04."""
-
-    unmasked_labels: bool = False     # supervise image and prompt positions too
-    no_teacher_forcing: bool = False  # never feed the answer as input
-    skip_adapter_load: bool = False   # answer with an untrained (unloaded) adapter
-
-    def any(self) -> bool:
-        """True when any defect is on."""
-        return self.unmasked_labels or self.no_teacher_forcing or self.skip_adapter_load
-
-
-def apply_seed_bugs(input_ids: list[int], labels: list[int], bugs: SeedBugs | None
-                    ) -> tuple[list[int], list[int]]:
-    """Re-create a defect of the earlier write-ups on one encoded sample (lesson only)."""
-    if bugs is None or not bugs.any():
-        return input_ids, labels
-    if bugs.unmasked_labels:
-        labels = list(input_ids)
-    if bugs.no_teacher_forcing:
-        # The answer never enters the input: the prompt positions are trained to emit it.
-        prompt = [t for t, l in zip(input_ids, labels) if l == IGNORE_INDEX]
-        answer = [l for l in labels if l != IGNORE_INDEX]
-        k = min(len(answer), len(prompt))
-        input_ids = prompt
-        labels = [IGNORE_INDEX] * (len(prompt) - k) + answer[:k]
-        # HF shifts labels by one inside the loss; undo that so position i predicts answer[i].
-        labels = labels[1:] + [IGNORE_INDEX]
-    return input_ids, labels
 
 
 @dataclass
@@ -91,7 +59,7 @@ class CaptionDataset:
                 if len(ids) > self.max_len:
                     self.truncated += 1
                     ids, labels = ids[:self.max_len], labels[:self.max_len]
-                    if all(l == IGNORE_INDEX for l in labels):
+                    if all(lab == IGNORE_INDEX for lab in labels):
                         raise TemplateError(f"image {rec.image_id}: max_len={self.max_len} leaves no "
                                             f"caption token after {self.n_image_tokens} image tokens")
                 ids, labels = apply_seed_bugs(ids, labels, self.bugs)
@@ -108,27 +76,6 @@ class CaptionDataset:
 # ------------------------------------------------------------------------------------------
 # Projector files: the trained module and what it was trained against.
 # ------------------------------------------------------------------------------------------
-def save_projector(projector: nn.Module, meta: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write ``projector.safetensors`` and ``projector.json`` (kind, dims, encoder) atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in projector.state_dict().items()}
-    save_file(state, out / "projector.safetensors.tmp")
-    (out / "projector.safetensors.tmp").replace(out / "projector.safetensors")
-    (out / "projector.json.tmp").write_text(json.dumps(meta, indent=2))
-    (out / "projector.json.tmp").replace(out / "projector.json")
-    return out
-
-
-def load_projector(out_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the projector saved by ``save_projector`` and load its weights (strict)."""
-    out = Path(out_dir)
-    meta = json.loads((out / "projector.json").read_text())
-    projector = build_projector(meta["kind"], meta["vision_dim"], meta["text_dim"])
-    projector.load_state_dict(load_file(out / "projector.safetensors"), strict=True)
-    return projector, meta
-
-
 # ------------------------------------------------------------------------------------------
 # Model assembly and training.
 # ------------------------------------------------------------------------------------------
@@ -271,9 +218,7 @@ def _checkpoint_root(profile: Profile, out: Path) -> Path:
 
 
 def _read_meta(out: Path) -> dict[str, Any]:
-    from .real_data import _read_json_or_none
-
-    meta = _read_json_or_none(out / "projector.json")
+    meta = read_json_or_none(out / "projector.json")
     return meta if isinstance(meta, dict) else {}
 
 

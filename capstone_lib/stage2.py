@@ -16,9 +16,12 @@ from torch import nn
 
 from .batching import collate_padded, length_grouped_batches
 from .chat import IMAGE_TOKEN, TemplateError, encode_conversation
+from .export import assistant_dir
+from .lessons import SeedBugs, apply_seed_bugs
 from .profiles import Profile
+from .projector import load_projector, save_projector
+from .stage1 import ensure_projector
 from .validation import SkipCounter, raise_or_skip, sample_subset
-from .stage1 import SeedBugs, apply_seed_bugs, ensure_projector, load_projector, save_projector
 
 
 def image_id_of(image: str | Path) -> int:
@@ -116,6 +119,22 @@ def make_qa_eval(vlm, tokenizer, val_data: ConversationDataset, cache, n: int = 
     return eval_fn
 
 
+def conversation_data(profile: Profile, tokenizer, n_tokens: int, max_len: int,
+                      bugs: SeedBugs | None = None) -> ConversationDataset:
+    """The profile's training conversations (its subset), tokenized; skipped records reported."""
+    from .llava_data import load_llava_instruct
+    from .real_data import dataset_paths
+
+    paths = dataset_paths(profile)
+    skips = SkipCounter() if profile.runtime.allow_skips else None
+    records = load_llava_instruct(paths.llava_train, paths.train_images, skips=skips)
+    records = sample_subset(records, profile.data.subset, profile.runtime.seed)
+    data = ConversationDataset(records, tokenizer, n_tokens, max_len, bugs=bugs, skips=skips)
+    if skips is not None and skips.count:
+        print(skips.report())
+    return data
+
+
 def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs | None = None,
                  out_dir: str | Path | None = None, projector: nn.Module | None = None,
                  **overrides: Any) -> dict[str, Any]:
@@ -135,12 +154,7 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     n_tokens = train_cache.feature_shape[0]
     vlm, tokenizer, lm_path = build_stage2_model(profile, projector)
     vlm.allow_image_labels = bool(bugs and bugs.any())   # only the seed-bug lesson
-    skips = SkipCounter() if profile.runtime.allow_skips else None
-    records = load_llava_instruct(paths.llava_train, paths.train_images, skips=skips)
-    records = sample_subset(records, profile.data.subset, profile.runtime.seed)
-    data = ConversationDataset(records, tokenizer, n_tokens, s2["max_len"], bugs=bugs, skips=skips)
-    if skips is not None and skips.count:
-        print(skips.report())
+    data = conversation_data(profile, tokenizer, n_tokens, s2["max_len"], bugs=bugs)
     val = ConversationDataset(load_llava_instruct(paths.llava_val, paths.val_images)[:64], tokenizer,
                               n_tokens, s2["max_len"])
     if data.truncated:
@@ -186,11 +200,6 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
             "lm_path": lm_path, "samples": len(data), "truncated": data.truncated}
 
 
-def assistant_dir(profile: Profile) -> Path:
-    """``runs/<profile>/assistant/``: the exported assistant (Llava checkpoint or course folder)."""
-    return profile.run_dir / "assistant"
-
-
 def export_assistant(profile: Profile) -> Path:
     """Export stage 2's adapter + projector in the format the LM spec names (``lm.export``).
 
@@ -218,10 +227,10 @@ def export_assistant(profile: Profile) -> Path:
 def exported_lm(path: Path) -> str | None:
     """The LM spec an export was made from (``None``: no finished export there, or an older one)."""
     from .export import COURSE_MANIFEST
-    from .real_data import _read_json_or_none
+    from .fileio import read_json_or_none
 
     for name in (COURSE_MANIFEST, "capstone_export.json"):
-        info = _read_json_or_none(path / name)
+        info = read_json_or_none(path / name)
         if info is not None:
             return info.get("lm") if isinstance(info, dict) else None
     return None
@@ -246,7 +255,9 @@ def ensure_assistant(profile: Profile) -> Path:
               "exporting it again")
         return export_assistant(profile)
     if not (stage2_dir(profile) / "adapter" / "adapter_config.json").exists():
-        print(f"no stage-2 adapter in {stage2_dir(profile)}: training stage 2 now (notebook 04's step)")
+        steps = profile.stage2.max_steps or "one epoch of"
+        print(f"no stage-2 adapter in {stage2_dir(profile)}: training stage 2 now (notebook 04's step, "
+              f"{steps} steps; it resumes from its checkpoints if interrupted)")
         train_stage2(profile)
     return export_assistant(profile)
 
@@ -261,7 +272,7 @@ def load_trained_model(profile: Profile, device: str | None = None):
     from .export import load_adapter_checked
     from .mm_model import VisionLanguageModel
     from .pretrain import load_language_model
-    from .trainer import resolve_device
+    from .distributed import resolve_device
 
     base, tokenizer = load_language_model(profile)
     lm = load_adapter_checked(base, stage2_dir(profile) / "adapter").merge_and_unload()

@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Any, Iterator
 
+from .distributed import barrier
 from .profiles import PROFILE_NAMES, Profile, get_profile
 
 STAGES = ("pretrain", "features", "stage1", "stage2", "export")
@@ -96,17 +97,10 @@ def _agree(value: Any) -> Any:
     return box[0]
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def _ensure_lm(profile: Profile) -> Any:
     """The stage-1/2 language model: rank 0 pretrains it first on cpu/smoke if it is missing."""
     from .pretrain import ensure_language_model
-    from .trainer import rank_zero_first
+    from .distributed import rank_zero_first
 
     with rank_zero_first(), without_launcher_env():
         return ensure_language_model(profile)
@@ -172,12 +166,13 @@ def run_stage2(profile: Profile, resume: str | bool) -> dict[str, Any]:
 
 def run_export(profile: Profile, rank: int) -> dict[str, Any]:
     """The Llava checkpoint (rank 0 writes it); trains stage 2 first, on all ranks, if needed."""
-    from .stage2 import assistant_dir, ensure_assistant, stage2_dir
+    from .export import assistant_dir
+    from .stage2 import ensure_assistant, stage2_dir
 
     if not _agree((stage2_dir(profile) / "adapter" / "adapter_config.json").is_file()):
         run_stage2(profile, "auto")
     out = ensure_assistant(profile) if rank == 0 else assistant_dir(profile)
-    _barrier()
+    barrier()
     return {"assistant_dir": str(out)}
 
 
@@ -222,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"(a typo?); passed on anyway", file=sys.stderr)
     profile = get_profile(args.profile, **overrides)
     _allow_hub(profile)
-    from .trainer import cleanup_distributed, dist_env, init_distributed
+    from .distributed import cleanup_distributed, dist_env, init_distributed
 
     if "pretrain" in args.stages and dist_env()[1] > 1:     # before joining a group that would wait
         run_pretrain(profile, args.resume, dist_env()[1])

@@ -26,7 +26,6 @@ checkpoints, ``metrics.jsonl`` and the progress bar, and runs validation; others
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -43,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import barrier, dist_env, init_distributed, resolve_device
 from .checkpoint import (CheckpointError, check_writable, checkpoint_step, clean_partial, copy_into_model,
                          fault_point, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
                          verify_checkpoint)
@@ -92,59 +92,6 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------
-def dist_env() -> tuple[int, int, int]:
-    """``(rank, world_size, local_rank)`` from the torchrun/accelerate environment (0, 1, 0 alone)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def resolve_device(device: str) -> torch.device:
-    """The device this process trains on: ``cuda`` becomes ``cuda:LOCAL_RANK`` under torchrun."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and (dev.index is None or dist_env()[1] > 1):
-        dev = torch.device("cuda", dist_env()[2] if dist_env()[1] > 1 else torch.cuda.current_device())
-    return dev
-
-
-def init_distributed(device: str | torch.device = "cpu") -> tuple[int, int]:
-    """Join the torchrun/accelerate process group once (idempotent); returns ``(rank, world_size)``.
-
-    Alone (``WORLD_SIZE`` unset or 1, no group) it does nothing. Otherwise gloo on CPU, nccl on
-    CUDA; on CUDA this process is first pinned to ``cuda:LOCAL_RANK``, so that a plain ``"cuda"``
-    (``.to("cuda")``, ``device_map``) loads onto this rank's GPU. Call it before loading models.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    rank, world, _ = dist_env()
-    if world <= 1:
-        return rank, world
-    dev = resolve_device(str(device))
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-@contextlib.contextmanager
-def rank_zero_first():
-    """Run the block on rank 0 first (training a tiny model, a download), then on the other ranks."""
-    group = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if group else 0
-    if group and rank != 0:
-        dist.barrier()
-    try:
-        yield
-    finally:
-        if group and rank == 0:
-            dist.barrier()
-
-
-def cleanup_distributed() -> None:
-    """Destroy the process group if one was initialised (call at the end of a torchrun script)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def default_batches(n: int, micro_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """A shuffle seeded by ``seed + epoch`` (``torch.Generator``), cut into micro-batches (last may be short)."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
@@ -319,8 +266,7 @@ class Trainer:
             tqdm.write(msg)
 
     def _barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
+        barrier()
 
     def _group_size(self) -> int:
         """Micro-batches per optimizer step, over all ranks."""

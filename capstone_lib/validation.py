@@ -100,13 +100,27 @@ def load_json(path: str | Path) -> Any:
     except json.JSONDecodeError as err:
         raise DataError(f"malformed JSON at line {err.lineno} column {err.colno} "
                         f"(char {err.pos}): {err.msg}", path=path) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read (a data file is a few levels deep)", path=path) from None
+    except ValueError as err:            # e.g. an integer of more digits than Python converts
+        raise DataError(f"unreadable JSON value: {err}", path=path) from None
+
+
+def check_text(text: str, what: str, path: str | Path | None = None, record: Any = None) -> str:
+    """``text`` if it is valid Unicode (no unpaired surrogate, which JSON's \\ud800 escapes allow), else ``DataError``."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataError(f"{what} contains an unpaired surrogate (\\u{ord(text[err.start]):04x}) at "
+                        f"character {err.start}: not valid text", path, record) from None
+    return text
 
 
 def validate_caption(caption: Any, path: str | Path | None = None, record: Any = None) -> str:
     """A caption must be a non-empty string; returns it stripped, else raises ``DataError``."""
     if not isinstance(caption, str):
         raise DataError(f"caption must be a string, got {type(caption).__name__}", path, record)
-    text = caption.strip()
+    text = check_text(caption.strip(), "caption", path, record)
     if not text:
         raise DataError("empty caption", path, record)
     return text
@@ -157,6 +171,7 @@ def validate_conversation(conversations: Any, path: str | Path | None = None, re
         if not isinstance(value, str):
             raise DataError(f"turn {i}: 'value' must be a string, got {type(value).__name__}",
                             path, record)
+        check_text(value, f"turn {i}", path, record)
         n_image = value.count(IMAGE_TOKEN)
         if i == 0 and require_image and n_image != 1:
             raise DataError(f"turn 0 must contain {IMAGE_TOKEN} exactly once, found {n_image}",

@@ -548,6 +548,8 @@ def train_tiny_clip(profile: Profile, paths=None, force: bool = False) -> Path:
         if json.loads(settings_file.read_text()) == json.loads(json.dumps(settings)):
             return out
         print(f"tiny CLIP settings changed: retraining {out}")
+    elif not force:
+        print(f"no tiny CLIP in {out} yet: training it now (notebook 02's step, {profile.vision.clip_train_steps} steps)")
     tiny, v = profile.vision.tiny_config, profile.vision
     train = load_coco_captions(paths.coco_root, "train")
     val = load_coco_captions(paths.coco_root, "val")

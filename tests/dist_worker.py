@@ -14,7 +14,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 import torch  # noqa: E402
 
-from capstone_lib.trainer import cleanup_distributed  # noqa: E402
+from capstone_lib.distributed import cleanup_distributed  # noqa: E402
 from test_trainer import TinyNet, make_trainer  # noqa: E402
 
 DIST_CFG = dict(max_steps=6, micro_batch_size=2, save_every=3, eval_every=None)

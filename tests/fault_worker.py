@@ -163,6 +163,6 @@ if __name__ == "__main__":
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a too-large write then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize_limit, args.fsize_limit))
     step = run_segment(args.kind, args.out_dir, stop_at_step=args.stop_at, grad_accum=args.grad_accum)
-    from capstone_lib.trainer import cleanup_distributed
+    from capstone_lib.distributed import cleanup_distributed
     cleanup_distributed()
     print(f"FINAL_STEP {step}")

@@ -47,7 +47,7 @@ def main(jobs: list[str]) -> None:
 
     from capstone_lib.stage1 import train_stage1
     from capstone_lib.stage2 import train_stage2
-    from capstone_lib.trainer import cleanup_distributed
+    from capstone_lib.distributed import cleanup_distributed
 
     torch.set_num_threads(1)
     profile = scale_profile(int(os.environ.get("WORLD_SIZE", 1)))

@@ -115,7 +115,7 @@ def test_format_travels_with_the_tokenizer(tiny_tokenizer):
     assert format_of(tok) is CHATML and format_of(tiny_tokenizer) is INSTRUCT
     conv = [{"from": "human", "value": f"{IMAGE_TOKEN}\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}]
     enc = encode_conversation(tok, conv, n_image_tokens=3, max_len=200)
-    supervised = [t for t, l in zip(enc.input_ids, enc.labels) if l != -100]
+    supervised = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
     assert tok.decode(supervised) == "red<|im_end|>"                 # the answer and its end-of-turn only
     assert tok.decode(enc.input_ids).startswith("<|im_start|>system\n")
     foreign = make_chatml_tokenizer()

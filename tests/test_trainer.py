@@ -79,7 +79,7 @@ def test_schedule_is_linear_warmup_then_cosine_for_every_group(tmp_path):
     for k in range(warm, 20):                                                 # along a half cosine
         assert lrs[k] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * (k - warm) / (20 - warm))))
     assert lrs[-1] < 0.02 * 0.01
-    assert all(h == pytest.approx(0.2 * l) for h, l in zip(head, lrs))         # each group scaled alike
+    assert all(h == pytest.approx(0.2 * lr) for h, lr in zip(head, lrs))         # each group scaled alike
 
 
 def test_accumulation_matches_a_bigger_micro_batch(tmp_path):

@@ -1,23 +1,36 @@
-"""Builds notebooks/02_clip_embeddings.ipynb (the vision encoder: CLIP patch embeddings)."""
-from nb import code, md, write_notebook
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-cells = [
-    md("""
-The language model from notebook 01 reads vectors, one per token. To let it see, we need an
-**image encoder** that turns a picture into a short sequence of vectors too. LLaVA uses the
-vision half of **CLIP**, a Vision Transformer (ViT) trained to match images with their
-captions. In this notebook you will:
+# %% [markdown]
+# # 02 · The vision encoder: CLIP patch embeddings
 
-1. see how a ViT cuts an image into patches and why ViT-B/32 gives **50 x 768** numbers at 224 px;
-2. get an encoder: on GPU profiles the real `openai/clip-vit-base-patch32`; on `cpu`/`smoke`
-   (where no CLIP weights can be downloaded) a **tiny CLIP that you train yourself**, contrastively,
-   on ShapesWorld captions;
-3. take the features LLaVA takes (the **second-to-last layer, patch tokens only**) and look at them:
-   patch similarity maps, image-image similarity, zero-shot image-text matching;
-4. compute those features once for every image and keep them on disk, so stages 1 and 2 never
-   run CLIP inside their training loops (one of the bugs of the earlier student projects).
-"""),
-    code("""
+# %% [markdown]
+# The language model from notebook 01 reads vectors, one per token. To let it see, we need an
+# **image encoder** that turns a picture into a short sequence of vectors too. LLaVA uses the
+# vision half of **CLIP**, a Vision Transformer (ViT) trained to match images with their
+# captions. In this notebook you will:
+#
+# 1. see how a ViT cuts an image into patches and why ViT-B/32 gives **50 x 768** numbers at 224 px;
+# 2. get an encoder: on GPU profiles the real `openai/clip-vit-base-patch32`; on `cpu`/`smoke`
+#    (where no CLIP weights can be downloaded) a **tiny CLIP that you train yourself**, contrastively,
+#    on ShapesWorld captions;
+# 3. take the features LLaVA takes (the **second-to-last layer, patch tokens only**) and look at them:
+#    patch similarity maps, image-image similarity, zero-shot image-text matching;
+# 4. compute those features once for every image and keep them on disk, so stages 1 and 2 never
+#    run CLIP inside their training loops (one of the bugs of the earlier student projects).
+
+# %%
 import json
 import tempfile
 import time
@@ -50,25 +63,25 @@ scenes = load_scenes(paths) if on_shapes else None
 print(f"{'ShapesWorld' if on_shapes else 'COCO 2017'}: {len(train_records)} training images, "
       f"{len(val_records)} held-out images")
 show_samples(paths, n=4);
-"""),
-    md("""
-## 1. A ViT reads an image as a sequence of patches
-A Vision Transformer cuts the (resized, centre-cropped) image into square patches, flattens each
-patch and maps it linearly to a vector (a strided convolution does exactly that), adds a learned
-**position embedding** per patch (so "top left" stays knowable), and puts one extra learned
-token in front: **CLS**. A transformer then mixes the tokens, layer after layer.
 
-For ViT-B/32 at 224 px: 224 / 32 = 7 patches per side, 7 x 7 = **49 patch tokens + 1 CLS = 50
-tokens**, each of width **768**. We check that arithmetic on a model with the exact ViT-B/32 shape
-and random weights (nothing is downloaded: only the shapes matter here).
+# %% [markdown]
+# ## 1. A ViT reads an image as a sequence of patches
+# A Vision Transformer cuts the (resized, centre-cropped) image into square patches, flattens each
+# patch and maps it linearly to a vector (a strided convolution does exactly that), adds a learned
+# **position embedding** per patch (so "top left" stays knowable), and puts one extra learned
+# token in front: **CLS**. A transformer then mixes the tokens, layer after layer.
+#
+# For ViT-B/32 at 224 px: 224 / 32 = 7 patches per side, 7 x 7 = **49 patch tokens + 1 CLS = 50
+# tokens**, each of width **768**. We check that arithmetic on a model with the exact ViT-B/32 shape
+# and random weights (nothing is downloaded: only the shapes matter here).
+#
+# The `cpu`/`smoke` encoder reads ShapesWorld's 64 px images resized to 72 px as a **3 x 3 grid of
+# 24 px patches**: the same 3 x 3 layout ShapesWorld places its objects on, so each patch token sees
+# one whole object. With a minute of CPU training that matters more than resolution: with 8 px
+# patches (64 tokens) the tiny CLIP learned colour but hardly any shape. Try it:
+# `get_profile("cpu", vision={"tiny_config": {..., "image_size": 64, "patch_size": 8}})`.
 
-The `cpu`/`smoke` encoder reads ShapesWorld's 64 px images resized to 72 px as a **3 x 3 grid of
-24 px patches**: the same 3 x 3 layout ShapesWorld places its objects on, so each patch token sees
-one whole object. With a minute of CPU training that matters more than resolution: with 8 px
-patches (64 tokens) the tiny CLIP learned colour but hardly any shape. Try it:
-`get_profile("cpu", vision={"tiny_config": {..., "image_size": 64, "patch_size": 8}})`.
-"""),
-    code("""
+# %%
 vit_b32 = CLIPVisionConfig()          # transformers' default = the ViT-B/32 of openai/clip-vit-base-patch32
 print(f"image {vit_b32.image_size} px, patch {vit_b32.patch_size} px, width {vit_b32.hidden_size}, "
       f"{vit_b32.num_hidden_layers} layers")
@@ -95,42 +108,42 @@ show_patches(axes[0], photo, 32, "ViT-B/32: 224 px, 7 x 7 patches of 32 px")
 show_patches(axes[1], load_image(val_records[0].path).resize((size, size)), patch,
              f"this profile's encoder: {size} px, {(size // patch) ** 2} patches of {patch} px")
 plt.show()
-"""),
-    md("""
-## 2. An encoder that has learned something: CLIP
-CLIP trains an image tower and a text tower together. A batch of N images and their N captions
-gives an N x N table of similarities (cosine of the two embeddings, times a learned temperature).
-The loss is a cross-entropy that pushes each image towards its own caption (the diagonal) and
-away from the others, in both directions (image -> text and text -> image). After training on
-400M web pairs, the image tower's tokens know a lot about what is where.
 
-Those weights cannot be downloaded on the `cpu`/`smoke` profiles, so there we **train a tiny
-CLIP** the same way on ShapesWorld's training captions: a transformers `CLIPModel` built from a
-small `CLIPConfig` (settings in `profile.vision.tiny_config`), a word-level tokenizer trained on
-the captions, AdamW with warmup and cosine decay. Two details:
+# %% [markdown]
+# ## 2. An encoder that has learned something: CLIP
+# CLIP trains an image tower and a text tower together. A batch of N images and their N captions
+# gives an N x N table of similarities (cosine of the two embeddings, times a learned temperature).
+# The loss is a cross-entropy that pushes each image towards its own caption (the diagonal) and
+# away from the others, in both directions (image -> text and text -> image). After training on
+# 400M web pairs, the image tower's tokens know a lot about what is where.
+#
+# Those weights cannot be downloaded on the `cpu`/`smoke` profiles, so there we **train a tiny
+# CLIP** the same way on ShapesWorld's training captions: a transformers `CLIPModel` built from a
+# small `CLIPConfig` (settings in `profile.vision.tiny_config`), a word-level tokenizer trained on
+# the captions, AdamW with warmup and cosine decay. Two details:
+#
+# - ShapesWorld repeats some captions word for word; two images with the same caption in one batch
+#   are both right answers, so the loss gives them equal (soft) targets instead of punishing one.
+# - A contrastive model learns only what tells the images of a batch apart. In a batch of random
+#   scenes, colours alone almost always do, so a plain CLIP here learns colour and barely looks at
+#   shape or position. **Hard negatives** fix that: each image must also reject copies of its own
+#   caption with one shape or one position changed ("a red circle on the left" vs "... on the
+#   right"), which only an encoder that sees shapes and places can do. The ViT's position
+#   embeddings are what lets the patch tokens know where they are.
+#
+# How long, and how fast? A contrastive loss is satisfied early by colour and place; the shape of a
+# 12-pixel object (a circle and a square differ only in their corners) comes last. On `cpu` we
+# measured a linear probe for the shape under one patch token (section 3): 1200 steps at lr 2e-3
+# read 0.945, at 4e-3 only 0.70; **2000 steps at lr 1e-3 read 0.98**. Those few percent per object
+# decide whole captions: with the 0.945 encoder half of the finished assistant's wrong captions
+# called a circle a square, and its caption accuracy rose from 0.77 to 0.90 with the sharper one.
+#
+# The model is saved in `runs/<profile>/clip/` and reused while its settings are unchanged. We
+# then measure **zero-shot** matching on the held-out images: for each image, is its own caption the
+# most similar among 16 (chance 1/16)? And a harder probe: does CLIP prefer the true caption over
+# copies where one object's colour, shape or position was changed?
 
-- ShapesWorld repeats some captions word for word; two images with the same caption in one batch
-  are both right answers, so the loss gives them equal (soft) targets instead of punishing one.
-- A contrastive model learns only what tells the images of a batch apart. In a batch of random
-  scenes, colours alone almost always do, so a plain CLIP here learns colour and barely looks at
-  shape or position. **Hard negatives** fix that: each image must also reject copies of its own
-  caption with one shape or one position changed ("a red circle on the left" vs "... on the
-  right"), which only an encoder that sees shapes and places can do. The ViT's position
-  embeddings are what lets the patch tokens know where they are.
-
-How long, and how fast? A contrastive loss is satisfied early by colour and place; the shape of a
-12-pixel object (a circle and a square differ only in their corners) comes last. On `cpu` we
-measured a linear probe for the shape under one patch token (section 3): 1200 steps at lr 2e-3
-read 0.945, at 4e-3 only 0.70; **2000 steps at lr 1e-3 read 0.98**. Those few percent per object
-decide whole captions: with the 0.945 encoder half of the finished assistant's wrong captions
-called a circle a square, and its caption accuracy rose from 0.77 to 0.90 with the sharper one.
-
-The model is saved in `runs/<profile>/clip/` and reused while its settings are unchanged. We
-then measure **zero-shot** matching on the held-out images: for each image, is its own caption the
-most similar among 16 (chance 1/16)? And a harder probe: does CLIP prefer the true caption over
-copies where one object's colour, shape or position was changed?
-"""),
-    code("""
+# %%
 with StageTimer(profile, "vision") as t:
     source = encoder_dir(profile)                 # trains the tiny CLIP on cpu/smoke (or reuses it)
     clip, clip_tokenizer, processor = load_clip(profile)
@@ -139,8 +152,7 @@ with StageTimer(profile, "vision") as t:
     retrieval = caption_retrieval_accuracy(clip, clip_tokenizer, val_px,
                                            [r.captions[0] for r in val_records], group=group)
     # The attribute probe edits a caption's colour/shape/position: it needs ShapesWorld's scenes.
-    probe = attribute_probe(clip, clip_tokenizer, val_px, [scenes[r.image_id] for r in val_records]) \
-        if on_shapes else {}
+    probe = attribute_probe(clip, clip_tokenizer, val_px, [scenes[r.image_id] for r in val_records])         if on_shapes else {}
     trained = clip_metrics(profile)
     t.metrics.update({"encoder": str(profile.vision.encoder), "val_retrieval_acc": round(retrieval, 3),
                       "val_retrieval_chance": round(1 / group, 3),
@@ -150,8 +162,8 @@ with StageTimer(profile, "vision") as t:
                           "clip_loss_last": round(trained["loss_last"], 3),
                           "clip_train_seconds": trained["seconds"]})
 print(json.dumps(t.metrics, indent=1))
-"""),
-    code("""
+
+# %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
 if trained:
     losses = np.array(trained["losses"])
@@ -163,7 +175,7 @@ else:
     axes[0].axis("off"); axes[0].text(0.1, 0.5, f"pretrained encoder: {source}")
     if profile.runtime.rehearsal:
         axes[0].text(0.1, 0.35, "(rehearsal: random-weight stand-in, so matching is at chance)")
-names = ["caption among\\n%d" % group] + [f"{k}\\nchanged" for k in probe]
+names = ["caption among\n%d" % group] + [f"{k}\nchanged" for k in probe]
 accs = [retrieval] + [v["accuracy"] for v in probe.values()]
 chance = [1 / group] + [v["chance"] for v in probe.values()]
 axes[1].bar(names, accs, label="zero-shot accuracy (held-out images)")
@@ -180,31 +192,31 @@ if profile.name == "cpu":
     assert retrieval >= 0.5, retrieval                      # chance 1/16
     for k in ("color", "shape"):
         assert probe[k]["accuracy"] >= probe[k]["chance"] + 0.3, (k, probe[k])
-"""),
-    md("""
-Position is the weak spot of the *pooled* embedding (the one number per image that CLIP's loss
-trains). That is fine for us: LLaVA never uses the pooled embedding. It feeds the language model
-the patch tokens, in order, and on this profile's grid a token's place in that sequence *is* a
-place in the image. What matters is what each patch token knows, which section 3 measures.
-"""),
-    md("""
-## 3. The features LLaVA takes: second-to-last layer, patch tokens only
-`load_vision_tower(profile)` gives just the image tower (`CLIPVisionModel`), frozen, and its
-standard `CLIPImageProcessor` (the same object is exported inside the Llava checkpoint later).
-With `output_hidden_states=True` it returns the embeddings plus one tensor per layer, each of
-shape (batch, 1 + patches, width).
 
-LLaVA takes `hidden_states[-2]` and drops token 0 (CLS):
+# %% [markdown]
+# Position is the weak spot of the *pooled* embedding (the one number per image that CLIP's loss
+# trains). That is fine for us: LLaVA never uses the pooled embedding. It feeds the language model
+# the patch tokens, in order, and on this profile's grid a token's place in that sequence *is* a
+# place in the image. What matters is what each patch token knows, which section 3 measures.
 
-- **Why not the last layer?** CLIP's training only looks at the last layer's CLS token (pooled
-  and projected onto the text embedding). The last layer therefore specialises in producing that
-  one summary; the layer before it keeps richer, more local information in the patch tokens.
-  LLaVA found the penultimate layer works better.
-- **Why drop CLS?** It is a single global summary of the whole image; the language model wants
-  to *look at places*: "what colour is the thing at the top left?" needs the patch tokens, which
-  still carry their position. transformers' Llava calls this `vision_feature_select_strategy="default"`.
-"""),
-    code("""
+# %% [markdown]
+# ## 3. The features LLaVA takes: second-to-last layer, patch tokens only
+# `load_vision_tower(profile)` gives just the image tower (`CLIPVisionModel`), frozen, and its
+# standard `CLIPImageProcessor` (the same object is exported inside the Llava checkpoint later).
+# With `output_hidden_states=True` it returns the embeddings plus one tensor per layer, each of
+# shape (batch, 1 + patches, width).
+#
+# LLaVA takes `hidden_states[-2]` and drops token 0 (CLS):
+#
+# - **Why not the last layer?** CLIP's training only looks at the last layer's CLS token (pooled
+#   and projected onto the text embedding). The last layer therefore specialises in producing that
+#   one summary; the layer before it keeps richer, more local information in the patch tokens.
+#   LLaVA found the penultimate layer works better.
+# - **Why drop CLS?** It is a single global summary of the whole image; the language model wants
+#   to *look at places*: "what colour is the thing at the top left?" needs the patch tokens, which
+#   still carry their position. transformers' Llava calls this `vision_feature_select_strategy="default"`.
+
+# %%
 tower, processor = load_vision_tower(profile)
 assert not tower.training and not any(p.requires_grad for p in tower.parameters())
 images = [load_image(r.path) for r in val_records[:4]]
@@ -223,29 +235,29 @@ print(f"LLaVA features: hidden_states[{profile.vision.feature_layer}][:, 1:] -> 
 assert len(hidden) == cfg.num_hidden_layers + 1
 assert hidden[-2].shape == (4, 1 + n_patches, cfg.hidden_size)
 assert feats.shape == (4, n_patches, cfg.hidden_size) and torch.equal(feats, hidden[-2][:, 1:])
-"""),
-    md("""
-*(COCO photos have no per-patch ground truth, so this probe runs on ShapesWorld only.)*
 
-What does one patch token know? A **linear probe** answers that: a logistic regression trained on
-half of the held-out objects to read the colour (or shape) of the object under a token from that
-token's features alone, scored on the other half; and whether a token lies on an object at all
-(what counting needs); and which of the 3 x 3 cells a token *is*, from its features alone (what
-"where is the red circle?" needs: a small language model cannot count its way along the 9 tokens
-to find out). We compare with the same tower at its random initialisation, to see what
-contrastive training added.
+# %% [markdown]
+# *(COCO photos have no per-patch ground truth, so this probe runs on ShapesWorld only.)*
+#
+# What does one patch token know? A **linear probe** answers that: a logistic regression trained on
+# half of the held-out objects to read the colour (or shape) of the object under a token from that
+# token's features alone, scored on the other half; and whether a token lies on an object at all
+# (what counting needs); and which of the 3 x 3 cells a token *is*, from its features alone (what
+# "where is the red circle?" needs: a small language model cannot count its way along the 9 tokens
+# to find out). We compare with the same tower at its random initialisation, to see what
+# contrastive training added.
+#
+# Why the last bar is high: CLIP initialises its position embeddings with std 0.02, some 40x
+# quieter than a patch embedding of normalised pixels, and a contrastive loss never asks a *patch*
+# token where it is (the CLS token reads that from the keys), so a tiny CLIP trained that way
+# forgets it: our first version probed at 0.31 for the cell, and the finished assistant answered
+# "where?" questions at 0.62. `profile.vision.position_init_std = 1.0` starts them as loud as the
+# patch embeddings (`scale_position_embeddings`); the probe then reads 1.00, the contrastive loss
+# ends lower (0.26 instead of 0.80 after 1200 vs 800 steps) and, in our measured run, held-out
+# caption accuracy after stage 2 rose from 0.32-0.62 to 0.76-0.79 (docs/EXPERIMENTS.md). (The language
+# model in stages 1-2 gets exactly these tokens, through the projector.)
 
-Why the last bar is high: CLIP initialises its position embeddings with std 0.02, some 40x
-quieter than a patch embedding of normalised pixels, and a contrastive loss never asks a *patch*
-token where it is (the CLS token reads that from the keys), so a tiny CLIP trained that way
-forgets it: our first version probed at 0.31 for the cell, and the finished assistant answered
-"where?" questions at 0.62. `profile.vision.position_init_std = 1.0` starts them as loud as the
-patch embeddings (`scale_position_embeddings`); the probe then reads 1.00, the contrastive loss
-ends lower (0.26 instead of 0.80 after 1200 vs 800 steps) and, in our measured run, held-out
-caption accuracy after stage 2 rose from 0.32-0.62 to 0.76-0.79 (README, Results). (The language
-model in stages 1-2 gets exactly these tokens, through the projector.)
-"""),
-    code("""
+# %%
 with torch.no_grad():
     val_feats = vision_features(tower, val_px, profile.vision.feature_layer).float().cpu()
 if not on_shapes:
@@ -265,7 +277,7 @@ else:
     plt.figure(figsize=(6, 3.2))
     plt.bar(xs - 0.2, [random_probe[k] for k in names], 0.4, label="random weights")
     plt.bar(xs + 0.2, [token_probe[k] for k in names], 0.4, label="trained encoder")
-    plt.xticks(xs, ["colour of\\nthe object", "shape of\\nthe object", "on an\\nobject?", "which\\ncell?"])
+    plt.xticks(xs, ["colour of\nthe object", "shape of\nthe object", "on an\nobject?", "which\ncell?"])
     plt.ylim(0, 1); plt.ylabel("held-out probe accuracy"); plt.legend(loc="lower right")
     plt.title("what one patch token (layer %d) tells a linear classifier" % profile.vision.feature_layer)
     plt.show()
@@ -280,15 +292,16 @@ if profile.name == "cpu":
     assert token_probe["color"] >= 0.95 and token_probe["shape"] >= 0.92 and token_probe["object"] >= 0.95
     assert token_probe["place"] >= 0.95, token_probe
     assert token_probe["shape"] >= random_probe["shape"] + 0.05, (token_probe, random_probe)
-"""),
-    md("""
-## 4. What a patch token knows: similarity maps
-Pick one patch (the white square marks it: on ShapesWorld an object, on a photo the centre) and
-colour every patch by the cosine similarity of its layer -2 feature to the picked one (after
-subtracting the image's mean patch feature, which all tokens share). Patches of the same object light up; objects of the same colour
-are warmer than the background.
-"""),
-    code("""
+
+# %% [markdown]
+# ## 4. What a patch token knows: similarity maps
+# Pick one patch (the white square marks it: on ShapesWorld an object, on a photo the centre) and
+# colour every patch by the cosine similarity of its layer -2 feature to the picked one (after
+# subtracting the image's mean patch feature, which all tokens share). Patches of the same object light up; objects of the
+# same colour
+# are warmer than the background.
+
+# %%
 size, patch = cfg.image_size, cfg.patch_size
 shown = val_records[:4]
 fig, axes = plt.subplots(2, len(shown), figsize=(3.2 * len(shown), 6.4))
@@ -317,13 +330,13 @@ for col, rec in enumerate(shown):
     assert abs(sim[r, c].item() - 1) < 1e-4               # a patch is identical to itself
 fig.colorbar(im, ax=axes[1].tolist(), shrink=0.8, label="cosine similarity to the marked patch")
 plt.show()
-"""),
-    md("""
-## 5. Image-image similarity
-CLIP's pooled image embedding (the projected CLS token, which the contrastive loss trained)
-puts similar scenes close together. Below: cosine similarity between eight held-out images.
-"""),
-    code("""
+
+# %% [markdown]
+# ## 5. Image-image similarity
+# CLIP's pooled image embedding (the projected CLS token, which the contrastive loss trained)
+# puts similar scenes close together. Below: cosine similarity between eight held-out images.
+
+# %%
 n = min(8, len(val_records))
 with torch.no_grad():
     emb = embed_images(clip, val_px[:n])
@@ -339,14 +352,14 @@ ax.set_xticks([]); ax.set_yticks([])
 fig.colorbar(shown_sim, ax=ax, shrink=0.7, label="cosine similarity of CLIP image embeddings")
 plt.show()
 assert np.allclose(np.diag(sim), 1, atol=1e-4) and np.allclose(sim, sim.T, atol=1e-5)
-"""),
-    md("""
-## 6. Zero-shot image-text matching
-The text tower embeds captions into the same space. Here are eight held-out images against their
-eight captions: a good encoder puts the largest value of each row on the diagonal. (Nobody
-trained on these images; "zero-shot" means the matching is read straight off the embeddings.)
-"""),
-    code("""
+
+# %% [markdown]
+# ## 6. Zero-shot image-text matching
+# The text tower embeds captions into the same space. Here are eight held-out images against their
+# eight captions: a good encoder puts the largest value of each row on the diagonal. (Nobody
+# trained on these images; "zero-shot" means the matching is read straight off the embeddings.)
+
+# %%
 captions = [r.captions[0] for r in val_records[:n]]
 with torch.no_grad():
     logits = (embed_images(clip, val_px[:n]) @ embed_texts(clip, clip_tokenizer, captions).t()).numpy()
@@ -359,12 +372,12 @@ for i, j in enumerate(logits.argmax(1)):
 ax.set_title("image-caption cosine similarity (red: best caption per image)"); plt.tight_layout(); plt.show()
 print(f"diagonal picked for {(logits.argmax(1) == np.arange(n)).sum()} of {n} images; "
       f"over all held-out images (groups of {group}): {retrieval:.0%} (chance {1 / group:.0%})")
-"""),
-    md("""
-On GPU profiles the encoder is the real CLIP, so it can also match **real photos** with plain
-English. (On `cpu`/`smoke` the tiny CLIP only knows ShapesWorld words, so this cell is skipped.)
-"""),
-    code("""
+
+# %% [markdown]
+# On GPU profiles the encoder is the real CLIP, so it can also match **real photos** with plain
+# English. (On `cpu`/`smoke` the tiny CLIP only knows ShapesWorld words, so this cell is skipped.)
+
+# %%
 if profile.vision.encoder != TINY_CLIP:
     photos = sample_photos()
     nouns = {"grace hopper": "woman in uniform"}
@@ -379,20 +392,20 @@ if profile.vision.encoder != TINY_CLIP:
     plt.show()
     if not profile.runtime.rehearsal:      # the real CLIP; a random stand-in matches at chance
         assert (probs.argmax(1) == torch.arange(len(photos))).float().mean() >= 0.8
-"""),
-    md("""
-## 7. Compute the features once, keep them on disk
-The encoder is frozen, so an image's features never change during training. We compute them
-once for every training and held-out image and store them as a memory-mapped numpy array
-(`runs/<profile>/features/<split>/features.npy`, one row per image, keyed by image id in
-`index.json`). Training then reads rows from disk instead of running CLIP on every step.
 
-`meta.json` records a **fingerprint** of the encoder (config + every weight + the image
-processor settings), the layer and whether CLS was dropped. Building again reuses the cache
-when they match; a different encoder or layer rebuilds it. Unreadable images stop the build with
-an error naming the file (or are counted and reported when the profile allows skips).
-"""),
-    code("""
+# %% [markdown]
+# ## 7. Compute the features once, keep them on disk
+# The encoder is frozen, so an image's features never change during training. We compute them
+# once for every training and held-out image and store them as a memory-mapped numpy array
+# (`runs/<profile>/features/<split>/features.npy`, one row per image, keyed by image id in
+# `index.json`). Training then reads rows from disk instead of running CLIP on every step.
+#
+# `meta.json` records a **fingerprint** of the encoder (config + every weight + the image
+# processor settings), the layer and whether CLS was dropped. Building again reuses the cache
+# when they match; a different encoder or layer rebuilds it. Unreadable images stop the build with
+# an error naming the file (or are counted and reported when the profile allows skips).
+
+# %%
 with StageTimer(profile, "features") as t:
     train_cache = ensure_feature_cache(profile, "train", vision=(tower, processor))
     val_cache = ensure_feature_cache(profile, "val", vision=(tower, processor))
@@ -410,24 +423,19 @@ ids = [r.image_id for r in val_records[:4]]
 tol = 1e-4 if profile.vision.cache_dtype == "float32" else 2e-2       # float16 on GPU profiles
 np.testing.assert_allclose(val_cache.get_batch(ids).numpy(), feats.numpy(), atol=tol, rtol=tol)
 print("cached rows == features computed directly:", tuple(val_cache.get_batch(ids).shape))
-"""),
-    md("""
-What invalidates a cache? Here, on four images in a scratch folder: the same encoder and layer
-reuse it, another layer rebuilds it.
-"""),
-    code("""
+
+# %% [markdown]
+# What invalidates a cache? Here, on four images in a scratch folder: the same encoder and layer
+# reuse it, another layer rebuilds it.
+
+# %%
 scratch = tempfile.mkdtemp()
 items = [(r.image_id, r.path) for r in val_records[:4]]
 build_feature_cache(tower, processor, items, scratch, layer=-2)
 build_feature_cache(tower, processor, items, scratch, layer=-2)      # -> reused
 last = build_feature_cache(tower, processor, items, scratch, layer=-1)   # -> rebuilt: layer changed
 assert last.layer == -1
-"""),
-    md("""
-Next, notebook 03 trains the projector that maps these cached patch features into the language
-model's embedding space.
-"""),
-]
 
-if __name__ == "__main__":
-    print(write_notebook("02_clip_embeddings", "02 · The vision encoder: CLIP patch embeddings", cells))
+# %% [markdown]
+# Next, notebook 03 trains the projector that maps these cached patch features into the language
+# model's embedding space.

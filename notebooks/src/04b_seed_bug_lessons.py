@@ -1,21 +1,34 @@
-"""Builds notebooks/04b_seed_bug_lessons.ipynb: what each defect of the earlier write-ups costs."""
-from nb import code, md, write_notebook
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
 
-cells = [
-    md("""
-Two earlier student projects trained this kind of model for 30 hours and got one that did not
-answer. Here we switch their defects back on, one at a time, train the same short slice of
-stage 2 as the correct recipe, and measure each with the course's held-out evaluation:
+# %% [markdown]
+# # 04b · The seed-bug lessons: what each defect costs
 
-| defect | what the earlier code did |
-|---|---|
-| labels not masked | image and prompt positions were supervised too (the loss was mostly "predict `<image>`") |
-| no teacher forcing | the answer was never fed as input; question positions were trained to emit it |
-| adapter not loaded | `PeftModel.from_pretrained(...)`'s result was thrown away: the demo ran the bare LM |
+# %% [markdown]
+# Two earlier student projects trained this kind of model for 30 hours and got one that did not
+# answer. Here we switch their defects back on, one at a time, train the same short slice of
+# stage 2 as the correct recipe, and measure each with the course's held-out evaluation:
+#
+# | defect | what the earlier code did |
+# |---|---|
+# | labels not masked | image and prompt positions were supervised too (the loss was mostly "predict `<image>`") |
+# | no teacher forcing | the answer was never fed as input; question positions were trained to emit it |
+# | adapter not loaded | `PeftModel.from_pretrained(...)`'s result was thrown away: the demo ran the bare LM |
+#
+# The switches live in `capstone_lib.lessons.SeedBugs` and default to off; they exist for this lesson only.
 
-The switches live in `capstone_lib.stage1.SeedBugs` and default to off; they exist for this lesson only.
-"""),
-    code("""
+# %%
 import matplotlib.pyplot as plt
 from capstone_lib.evaluate import format_course_results, headline
 from capstone_lib.lessons import run_lessons
@@ -28,8 +41,8 @@ with StageTimer(profile, "lessons") as t:
     t.metrics = {k: {key: v[key] for key in keys if key in v} for k, v in rows.items()}
 print(f"{steps} stage-2 steps each, {n_q} held-out questions")
 print(format_course_results(rows))
-"""),
-    code("""
+
+# %%
 names = list(rows)
 metric = headline(rows[names[0]])[0]          # VQA accuracy (ShapesWorld) or POPE accuracy (COCO)
 fig, ax = plt.subplots(figsize=(8, 3))
@@ -39,8 +52,8 @@ plt.show()
 for name in names:
     ex = (rows[name].get("vqa_examples") or rows[name]["pope_examples"])[0]
     print(f"{name:<20} Q: {ex['question']!r:<40} -> {ex['prediction']!r}  (truth {ex['answer']!r})")
-"""),
-    code("""
+
+# %%
 final = load_report(profile)["eval"]          # the full course model from notebook 04
 print("full course model (notebook 04): %s %.3f" % headline(final))
 if profile.name == "cpu":
@@ -49,8 +62,3 @@ if profile.name == "cpu":
     # the trained projector without the trained adapter, against the model it came from.
     assert rows["no teacher forcing"]["vqa_accuracy"] <= good - 0.1, rows["no teacher forcing"]["vqa_accuracy"]
     assert rows["adapter not loaded"]["vqa_accuracy"] <= final["vqa_accuracy"] - 0.15
-"""),
-]
-
-if __name__ == "__main__":
-    print(write_notebook("04b_seed_bug_lessons", "04b · The seed-bug lessons: what each defect costs", cells))
