@@ -61,7 +61,7 @@ rehearsal: setup
 # Speed levers of the cpu course against fp32 (tools/bench_levers.py), then the stage benchmarks.
 bench: setup
 	env -u TORCHDYNAMO_DISABLE $(PY) tools/bench_levers.py
-	$(PY) -m capstone_lib.bench
+	$(PY) tools/bench_stages.py
 
 clean:
 	rm -rf runs data/generated

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
-from PIL import UnidentifiedImageError  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 from .assistant import Assistant, Chat, as_image  # noqa: E402
 
@@ -41,6 +41,10 @@ class ImageInput(gr.Image):
         """Pass the uploaded file's path on; refuse files Pillow cannot identify."""
         try:
             return super().preprocess(payload)
+        except Image.DecompressionBombError as exc:
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise gr.Error(f"{name}: too many pixels to open safely ({exc}); upload an image of at most a "
+                           "few thousand pixels a side") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             name = getattr(payload, "orig_name", None) or "the upload"
             raise gr.Error(f"{name}: not an image file Pillow can read ({type(exc).__name__}); "

@@ -87,7 +87,7 @@ def vqa_accuracy(answer_fn: Callable[[dict], str], questions: Sequence[dict]) ->
 
 def caption_matches(caption: str, objects: Sequence[dict]) -> bool:
     """True when the caption's stated objects are exactly the scene's (positions checked if stated)."""
-    from .shapesworld import parse_caption
+    from .shapesworld_text import parse_caption
 
     stated = parse_caption(caption)
     truth_cs = {(o["color"], o["shape"]) for o in objects}
@@ -107,7 +107,7 @@ def caption_accuracy(caption_fn: Callable[[int], str], scenes: Sequence[dict],
     """
     from tqdm.auto import tqdm
 
-    from .shapesworld import score_caption
+    from .shapesworld_text import score_caption
 
     scenes = list(scenes)
     hits, examples, own, other = 0, [], [], []

@@ -149,7 +149,7 @@ def merged_language_model(lm: nn.Module, base_lm: str | Path | nn.Module | None 
     base = _load_causal_lm(base_lm)
     rows = lm.get_input_embeddings().num_embeddings
     if base.get_input_embeddings().num_embeddings != rows:    # training grew it for <image>
-        from .pretrain import grow_embeddings
+        from .language_model import grow_embeddings
         grow_embeddings(base, rows)
     with tempfile.TemporaryDirectory() as tmp:
         # adapter only: adapter_config.json + safetensors (a grown <image> row is rebuilt, zero, on load)
@@ -170,7 +170,7 @@ def _load_causal_lm(source: str | Path | nn.Module, tokenizer=None) -> nn.Module
         return copy.deepcopy(source).float()
     model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
     if tokenizer is not None:
-        from .pretrain import fit_embeddings
+        from .language_model import fit_embeddings
         fit_embeddings(model, tokenizer)
     return model
 

@@ -70,7 +70,7 @@ def without_adapter(profile: Profile):
     """The earlier demo's bug: the trained projector, but the LM's LoRA never loaded."""
     from .chat import IMAGE_TOKEN
     from .mm_model import VisionLanguageModel
-    from .pretrain import load_language_model
+    from .language_model import load_language_model
     from .stage2 import stage2_dir
 
     from .distributed import resolve_device

@@ -1,6 +1,6 @@
 """Speed levers for the course's transformers LM (Phi-2 on GPU): same function, fewer kernels.
 
-``tune_language_model`` is applied by every loader of the LM (``pretrain.load_language_model``,
+``tune_language_model`` is applied by every loader of the LM (``language_model.load_language_model``,
 ``qlora.load_base_lm``), by stage 1 to its frozen LM and by the bench, so the bench times the
 real path. ``CAPSTONE_LM_TUNING`` picks the levers (``none``: the untouched model).
 """

@@ -15,9 +15,7 @@ with ``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` set (or under ``srun`` on S
 """
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import os
 import re
@@ -32,12 +30,11 @@ from typing import Any, Sequence
 
 from .fileio import write_json_atomic
 from .profiles import REPO_ROOT, Profile
-from .tokenizer import load_tokenizer, prepare_tokenizer
+from .tokenizer import prepare_tokenizer
 
 # The earlier write-up's LitGPT log (pythia-160m on RedPajama, a 24 GB GPU, micro-batch 4).
 EARLIER_WRITEUP = {"model": "pythia-160m", "micro_batch_size": 4, "block_size": 2048,
                    "ms_per_iter": 650.0, "first_loss": 10.98, "loss_after_600_iters": 6.14}
-HF_MANIFEST = "capstone_hf.json"
 _ITER_RE = re.compile(r"iter (\d+) step (\d+) \| loss train: ([\d.]+), val: ([\w./]+)")
 _VAL_RE = re.compile(r"iter (\d+): val loss ([\d.]+)")
 _FINAL_RE = re.compile(r"Final evaluation \| val loss: ([\d.]+)")
@@ -267,7 +264,8 @@ def _settings_key(cmd: list[str]) -> str:
     return json.dumps(cmd[1:i] + cmd[i + 2:])      # everything but the interpreter and --resume
 
 
-def _load_summary(paths: PretrainPaths) -> dict[str, Any]:
+def load_summary(paths: PretrainPaths) -> dict[str, Any]:
+    """The last pretraining run's summary (losses, tokens), or {} before the first."""
     return json.loads(paths.summary.read_text()) if paths.summary.is_file() else {}
 
 
@@ -286,7 +284,7 @@ def run_pretraining(profile: Profile, max_tokens: int | None = None, resume: boo
     train, val = corpus_paths(profile)
     tok_dir = ensure_tokenizer(profile)
     cmd = pretrain_command(profile, train, val, tok_dir, max_tokens, resume)
-    summary = _load_summary(paths)
+    summary = load_summary(paths)
     final = paths.lit / "final" / "lit_model.pth"
     if resume and not force and final.is_file() and summary.get("settings") == _settings_key(cmd):
         if verbose != "none":
@@ -520,171 +518,3 @@ def hf_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 
                                pad_token_id=tokenizer.pad_token_id, **kw)
         outs.append(tokenizer.decode(y[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     return outs
-
-
-# ----------------------------------------------------------------------------- conversion
-def hf_config_from_lit(config, eos_token_id: int | None = None):
-    """The ``GPTNeoXConfig`` of a Pythia-style LitGPT config (other architectures are refused)."""
-    from transformers import GPTNeoXConfig
-
-    unsupported = {"mlp_class_name": (config.mlp_class_name, "GptNeoxMLP"),
-                   "norm_class_name": (config.norm_class_name, "LayerNorm"),
-                   "n_query_groups": (config.n_query_groups, config.n_head),
-                   "lm_head_bias": (config.lm_head_bias, False), "bias": (config.bias, True),
-                   "rope_interleave": (config.rope_interleave, False)}
-    bad = {k: v for k, (v, want) in unsupported.items() if v != want}
-    if bad:
-        raise ValueError(f"{config.name}: not a GPT-NeoX/Pythia architecture ({bad})")
-    rope = {"rope_type": "default", "rope_theta": float(config.rope_base),
-            "partial_rotary_factor": config.rotary_percentage}
-    return GPTNeoXConfig(
-        vocab_size=config.padded_vocab_size, hidden_size=config.n_embd,
-        num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-        intermediate_size=config.intermediate_size,
-        hidden_act="gelu" if config.gelu_approximate == "none" else "gelu_new",
-        max_position_embeddings=config.block_size, layer_norm_eps=config.norm_eps,
-        use_parallel_residual=config.parallel_residual, rope_parameters=rope,
-        rotary_pct=config.rotary_percentage, attention_bias=True, tie_word_embeddings=False,
-        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
-        architectures=["GPTNeoXForCausalLM"],
-    )
-
-
-def convert_to_hf(checkpoint_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path,
-                  info: dict[str, Any] | None = None) -> Path:
-    """Convert a LitGPT checkpoint into a transformers directory (safetensors + tokenizer).
-
-    LitGPT's ``convert_lit_checkpoint`` renames the weights; we add the ``GPTNeoXConfig``,
-    load them strictly, and save. Written to a temporary folder and renamed, with
-    ``capstone_hf.json`` written last, so a partial directory is never taken for a model.
-    """
-    import torch
-    from litgpt import Config
-    from litgpt.scripts.convert_lit_checkpoint import convert_lit_checkpoint
-    from transformers import GPTNeoXForCausalLM
-
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with contextlib.redirect_stdout(io.StringIO()):      # it pprints its arguments
-        convert_lit_checkpoint(checkpoint_dir, tmp)
-    state = torch.load(tmp / "model.pth", map_location="cpu", weights_only=True)
-    (tmp / "model.pth").unlink()
-    tokenizer = load_tokenizer(tokenizer_dir)
-    config = hf_config_from_lit(Config.from_file(checkpoint_dir / "model_config.yaml"),
-                                tokenizer.eos_token_id)
-    model = GPTNeoXForCausalLM(config)
-    model.load_state_dict(state, strict=True)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    manifest = {"source_checkpoint": str(checkpoint_dir), "converter": "litgpt.convert_lit_checkpoint",
-                **(info or {})}
-    (tmp / HF_MANIFEST).write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def hf_complete(path: str | Path) -> bool:
-    """True when ``path`` holds a finished conversion (its manifest is written last)."""
-    path = Path(path)
-    return all((path / f).is_file() for f in (HF_MANIFEST, "config.json", "model.safetensors",
-                                              "tokenizer.json"))
-
-
-# ----------------------------------------------------------------------------- hand-off
-def export_language_model(profile: Profile, result: PretrainResult | None = None) -> Path:
-    """Convert the profile's final LitGPT checkpoint into ``runs/<profile>/pretrain/hf/``."""
-    paths = pretrain_paths(profile)
-    final = paths.lit / "final"
-    if not (final / "lit_model.pth").is_file():
-        raise FileNotFoundError(f"no final checkpoint in {paths.lit}: run run_pretraining first")
-    summary = _load_summary(paths)
-    info = {"profile": profile.name, "initial_val_loss": summary.get("initial_val_loss"),
-            "final_val_loss": summary.get("final_val_loss")}
-    return convert_to_hf(final, paths.tokenizer, paths.hf, info)
-
-
-def ensure_language_model(profile: Profile) -> str | Path:
-    """The language model for notebooks 03-05: a hub id on GPU profiles, else the local HF dir.
-
-    On cpu/smoke, pretrains (resuming if interrupted) and converts when the directory is
-    missing or incomplete.
-    """
-    from .lm_spec import lm_spec
-
-    spec = lm_spec(profile)
-    if spec.hub_id:
-        return spec.hub_id
-    paths = pretrain_paths(profile)
-    if hf_complete(paths.hf):
-        return paths.hf
-    if not (paths.lit / "final" / "lit_model.pth").is_file():
-        print(f"no language model from notebook 01 in {paths.root}: pretraining it now "
-              f"({profile.pretrain.max_tokens:,} tokens; it resumes if interrupted)")
-        run_pretraining(profile)
-    return export_language_model(profile)
-
-
-def fit_embeddings(model, tokenizer) -> bool:
-    """Grow the embedding table when the tokenizer's ``<image>`` got an id past it; True if grown.
-
-    SmolLM2's 49,152 rows are all in use, so ``<image>`` becomes row 49,152; Phi-2 and Qwen2.5
-    have spare rows. The new row is never read as an input (image patches are written over
-    it); it is zero, so every loader (training, export, the assistant) gets the same model.
-    """
-    rows = max(tokenizer.get_vocab().values()) + 1
-    if rows <= model.get_input_embeddings().num_embeddings:
-        return False
-    grow_embeddings(model, rows)
-    return True
-
-
-def grow_embeddings(model, rows: int) -> None:
-    """Resize the input (and an untied output) embedding to ``rows``; the added rows are zero."""
-    import torch
-
-    old = model.get_input_embeddings().num_embeddings
-    model.resize_token_embeddings(rows, mean_resizing=False)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[old:].zero_()
-        head = model.get_output_embeddings()
-        if head is not None:
-            head.weight[old:].zero_()
-            if getattr(head, "bias", None) is not None:
-                head.bias[old:].zero_()
-
-
-def load_language_model(profile: Profile, dtype=None, attn_implementation: str | None = None):
-    """``(AutoModelForCausalLM, tokenizer)`` of the profile's LM spec, ``<image>`` added, checked.
-
-    ``attn_implementation`` (e.g. ``"eager"``) overrides transformers' default attention.
-
-    The embeddings are resized only if ``<image>`` got an id outside the model's vocabulary.
-    ``tune_language_model`` swaps in a fused tanh GELU (Phi-2's ``gelu_new``; same function) and
-    keeps half-precision LayerNorms out of autocast's fp32 round trip.
-    """
-    from transformers import AutoModelForCausalLM
-
-    import torch
-
-    from .lm_spec import lm_spec
-
-    source = ensure_language_model(profile)
-    local = Path(str(source)).is_dir()
-    tokenizer = load_tokenizer(source, lm_spec(profile))
-    kwargs = {"local_files_only": True} if local else {}
-    # An explicit dtype: transformers 5 would otherwise load the checkpoint's own (fp16/bf16),
-    # which runs slowly, or not at all, on a CPU.
-    kwargs["dtype"] = dtype if dtype is not None else torch.float32
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
-    fit_embeddings(model, tokenizer)
-    from .lm_tuning import tune_language_model
-
-    tune_language_model(model)
-    return model, tokenizer

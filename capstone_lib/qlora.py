@@ -40,7 +40,7 @@ def load_base_lm(profile: Profile, name_or_path: str | Path, tokenizer=None):
 
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     if tokenizer is not None:
-        from .pretrain import fit_embeddings
+        from .language_model import fit_embeddings
         fit_embeddings(model, tokenizer)
     tune_language_model(model)
     return model

@@ -38,7 +38,7 @@ from .fileio import read_json_or_none
 from .shapesworld import ShapesWorldPaths
 from .validation import DataError, SkipCounter, load_json, raise_or_skip
 
-VIEW_VERSION = 1      # bump whenever the view's files change for the same settings
+VIEW_VERSION = 2      # bump whenever the view's files change for the same settings (2: held-out images hard-linked)
 USER_AGENT = "capstone-lib/1 (+course data download)"
 
 
@@ -547,7 +547,7 @@ def _write_view(paths: RealDataPaths, store: Path, plan: _Plan, settings: dict, 
     view.val_images.mkdir(parents=True, exist_ok=True)
     for folder, names in ((store / "val2017", plan.val), (store / "train2017", plan.heldout)):
         for n in names:
-            _link((folder / n).resolve(), view.val_images / n)
+            _link_or_copy((folder / n).resolve(), view.val_images / n)   # not a symlink: see validation.file_in
 
     train_set, held_set = set(plan.train), set(plan.heldout)
     conv_train, conv_val = [], []

@@ -268,7 +268,7 @@ def run_real_eval(profile: Any, answer_fn: AnswerFn, paths: Any = None,
 
 def shapesworld_instances(paths: Any, out: str | Path | None = None) -> Path:
     """Write ShapesWorld's val scenes as a COCO ``instances_val2017.json`` (categories: "red circle" ...)."""
-    from .shapesworld import COLORS, SHAPES
+    from .shapesworld_scenes import COLORS, SHAPES
 
     out = Path(out) if out else Path(paths.coco_root) / "annotations" / "instances_val2017.json"
     captions = load_json(Path(paths.coco_root) / "annotations" / "captions_val2017.json")

@@ -84,7 +84,7 @@ def build_model(profile: Profile, lm=None, tokenizer=None, projector: nn.Module 
     from .feature_cache import ensure_feature_cache
     from .lm_tuning import tune_language_model
     from .mm_model import VisionLanguageModel
-    from .pretrain import load_language_model
+    from .language_model import load_language_model
     from .precision import attention_implementation, storage_dtype
 
     if lm is None:
@@ -227,7 +227,7 @@ def ensure_projector(profile: Profile) -> Path:
     from transformers import AutoConfig
 
     from .lm_spec import lm_spec
-    from .pretrain import ensure_language_model
+    from .language_model import ensure_language_model
 
     out = projector_dir(profile)
     meta, spec = _read_meta(out), lm_spec(profile)

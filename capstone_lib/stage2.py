@@ -76,7 +76,7 @@ def stage2_dir(profile: Profile) -> Path:
 def build_stage2_model(profile: Profile, projector: nn.Module | None = None):
     """4-bit LM + fresh LoRA + the stage-1 projector (trainable) -> ``VisionLanguageModel``."""
     from .mm_model import VisionLanguageModel
-    from .pretrain import ensure_language_model
+    from .language_model import ensure_language_model
     from .qlora import load_qlora_model
     from .tokenizer import load_tokenizer
 
@@ -209,7 +209,7 @@ def export_assistant(profile: Profile) -> Path:
     """
     from .export import export_course, export_llava
     from .lm_spec import lm_spec
-    from .pretrain import ensure_language_model
+    from .language_model import ensure_language_model
     from .tokenizer import load_tokenizer
     from .vision import load_vision_tower
 
@@ -271,7 +271,7 @@ def load_trained_model(profile: Profile, device: str | None = None):
     """
     from .export import load_adapter_checked
     from .mm_model import VisionLanguageModel
-    from .pretrain import load_language_model
+    from .language_model import load_language_model
     from .distributed import resolve_device
 
     base, tokenizer = load_language_model(profile)

@@ -99,7 +99,7 @@ def _agree(value: Any) -> Any:
 
 def _ensure_lm(profile: Profile) -> Any:
     """The stage-1/2 language model: rank 0 pretrains it first on cpu/smoke if it is missing."""
-    from .pretrain import ensure_language_model
+    from .language_model import ensure_language_model
     from .distributed import rank_zero_first
 
     with rank_zero_first(), without_launcher_env():
@@ -116,7 +116,8 @@ def _history_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_pretrain(profile: Profile, resume: str | bool, world: int) -> dict[str, Any]:
     """LitGPT pretraining on ``profile.pretrain.devices`` x ``num_nodes``, then the transformers export."""
-    from .pretrain import export_language_model, run_pretraining
+    from .pretrain import run_pretraining
+    from .language_model import export_language_model
 
     if world > 1:
         raise SystemExit("pretrain: launch it once with plain python, not under torchrun/accelerate: "

@@ -10,6 +10,7 @@ and counts it under a reason, so nothing is dropped silently::
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -224,9 +225,10 @@ def sample_subset(records: list, n: int | None, seed: int) -> list:
 def file_in(folder: str | Path, name: Any) -> tuple[Path | None, str]:
     """``folder / name`` when ``name`` is a plain relative file name that stays in ``folder``.
 
-    Returns ``(path, "")``, or ``(None, reason)`` for an absolute name, a ``..`` part, a NUL byte or
-    a part longer than the file system allows (255 bytes): a record may only name files inside its
-    data set's folder.
+    Returns ``(path, "")``, or ``(None, reason)`` for an absolute name, a ``..`` part, a NUL byte,
+    a part longer than the file system allows (255 bytes), or a symbolic link that leads out of
+    ``folder`` (resolved; ``folder`` itself may be a link): a record may only name files inside
+    its data set's folder.
     """
     if not isinstance(name, str) or not name.strip():
         return None, f"file name must be a non-empty string, got {name!r}"
@@ -243,4 +245,16 @@ def file_in(folder: str | Path, name: Any) -> tuple[Path | None, str]:
         return None, f"file name {name!r} is not valid text (unpaired surrogates)"
     if too_long:
         return None, f"file name part {too_long[0][:40]!r}... is longer than 255 bytes"
-    return Path(folder) / rel, ""
+    path = Path(folder) / rel
+    try:
+        real, base = path.resolve(), _resolved(str(folder))
+    except (OSError, RuntimeError):          # a symlink loop
+        return None, f"file name {name!r} cannot be resolved (a symbolic link loop?)"
+    if real != base and base not in real.parents:
+        return None, f"{name!r} is a symbolic link to {real}, outside {folder}"
+    return path, ""
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(folder: str) -> Path:
+    return Path(folder).resolve()

@@ -85,3 +85,52 @@ def test_a_well_formed_feature_cache_opens(tmp_path):
 def test_a_feature_cache_index_or_meta_of_the_wrong_type_is_named(tmp_path, meta, index, message):
     with pytest.raises(DataError, match=message):
         FeatureCache.open(_cache(tmp_path, meta, index))
+
+
+def test_a_symlink_out_of_the_data_set_is_refused_or_counted(tmp_path):
+    from capstone_lib.coco import load_coco_captions
+    from capstone_lib.validation import SkipCounter, file_in
+
+    secret = tmp_path / "elsewhere" / "secret.png"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not yours")
+    images = tmp_path / "coco" / "train2017"
+    images.mkdir(parents=True)
+    (images / "000000000001.png").write_bytes(b"fine")
+    (images / "000000000002.png").symlink_to(secret)
+    assert file_in(images, "000000000001.png") == (images / "000000000001.png", "")
+    path, why = file_in(images, "000000000002.png")
+    assert path is None and "symbolic link" in why and "outside" in why
+    loop = images / "000000000003.png"
+    loop.symlink_to(loop)
+    assert file_in(images, "000000000003.png")[0] is None
+    # A folder that is itself a link (the real-data view links train2017 into its store) is fine.
+    linked = tmp_path / "view" / "train2017"
+    linked.parent.mkdir()
+    linked.symlink_to(images)
+    assert file_in(linked, "000000000001.png")[0] == linked / "000000000001.png"
+
+    ann = tmp_path / "coco" / "annotations" / "captions_train2017.json"
+    ann.parent.mkdir()
+    ann.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "000000000001.png"}, {"id": 2, "file_name": "000000000002.png"}],
+        "annotations": [{"id": 10, "image_id": 1, "caption": "a red square"},
+                        {"id": 11, "image_id": 2, "caption": "a blue circle"}]}))
+    with pytest.raises(DataError, match="symbolic link to .*secret.png"):
+        load_coco_captions(tmp_path / "coco", "train")
+    skips = SkipCounter()
+    records = load_coco_captions(tmp_path / "coco", "train", skips=skips)
+    assert [r.image_id for r in records] == [1]
+    assert skips.by_reason == {"image file name outside the data set": 1, "caption for an unknown image_id": 1}
+
+
+def test_a_decompression_bomb_upload_gets_a_clear_message(tmp_path):
+    import gradio as gr
+    from gradio.data_classes import FileData
+
+    from capstone_lib.app import ImageInput
+    from test_images import bomb_png
+
+    bomb = bomb_png(tmp_path / "bomb.png", 100_000, 100_000)
+    with pytest.raises(gr.Error, match=r"bomb.png: too many pixels to open safely"):
+        ImageInput(type="filepath", image_mode=None).preprocess(FileData(path=str(bomb), orig_name="bomb.png"))

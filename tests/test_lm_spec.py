@@ -251,7 +251,7 @@ def test_in_memory_merge_when_training_grew_the_embeddings(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     from capstone_lib.export import merged_language_model
-    from capstone_lib.pretrain import grow_embeddings
+    from capstone_lib.language_model import grow_embeddings
 
     base = make_tiny_llama(100)
     base.save_pretrained(tmp_path / "base")

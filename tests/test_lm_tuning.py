@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,7 +116,8 @@ def test_the_bench_lm_goes_through_the_same_levers(monkeypatch):
     """The bench times the course's path: its random Phi-2 is tuned as the loader tunes the real one."""
     from transformers.activations import NewGELUActivation
 
-    from capstone_lib import bench
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import bench_stages as bench
 
     monkeypatch.delenv(LM_TUNING_ENV, raising=False)
     lm = bench.random_phi(bench.SHAPES["tiny"], torch.float32, torch.device("cpu"))

@@ -58,7 +58,7 @@ def test_tiny_clip_learns_in_bf16():
     """The contrastive loss stays fp32 under bf16 towers: a tiny CLIP's loss falls as in fp32."""
     from transformers import CLIPConfig, CLIPModel
 
-    from capstone_lib.vision import fit_tiny_clip, train_caption_tokenizer
+    from capstone_lib.tiny_clip import fit_tiny_clip, train_caption_tokenizer
 
     colours = ["red", "green", "blue", "yellow"]
     captions = [[f"a {c} square"] for c in colours]

@@ -10,7 +10,7 @@ import torch
 
 from capstone_lib import get_profile
 from capstone_lib.lit_data import JsonlText, ResumableLoader, TokenBlocks, load_token_ids
-from capstone_lib.shapesworld import make_corpus_doc
+from capstone_lib.shapesworld_text import make_corpus_doc
 from capstone_lib.tokenizer import EOS_TOKEN, train_bpe_tokenizer
 from capstone_lib.validation import DataError
 
@@ -159,7 +159,9 @@ def _lit_checkpoint(tmp_path, vocab: int):
 def test_converted_model_matches_litgpt(tmp_path, tok_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from capstone_lib.pretrain import convert_to_hf, hf_complete, hf_generate, lit_generate
+    from capstone_lib.pretrain import hf_generate, lit_generate
+
+    from capstone_lib.language_model import convert_to_hf, hf_complete
 
     ckpt, lit = _lit_checkpoint(tmp_path, vocab=400)
     out = convert_to_hf(ckpt, tok_dir, tmp_path / "hf", info={"note": "test"})
@@ -178,7 +180,7 @@ def test_converted_model_matches_litgpt(tmp_path, tok_dir):
 def test_conversion_refuses_other_architectures():
     from litgpt import Config
 
-    from capstone_lib.pretrain import hf_config_from_lit
+    from capstone_lib.language_model import hf_config_from_lit
 
     with pytest.raises(ValueError, match="GPT-NeoX"):
         hf_config_from_lit(Config.from_name("tiny-llama-1.1b"))
@@ -189,7 +191,7 @@ def test_conversion_refuses_other_architectures():
 
 def test_load_language_model_offline(tmp_path, tok_dir, monkeypatch):
     from capstone_lib.lm_spec import lm_preset
-    from capstone_lib.pretrain import convert_to_hf, ensure_language_model, load_language_model
+    from capstone_lib.language_model import convert_to_hf, ensure_language_model, load_language_model
 
     monkeypatch.setenv("CAPSTONE_RUNS", str(tmp_path / "runs"))
     smoke = get_profile("smoke")

@@ -55,3 +55,20 @@ def test_seed_from_the_environment(monkeypatch):
     monkeypatch.setenv("CAPSTONE_SEED", "one")
     with pytest.raises(ValueError, match="CAPSTONE_SEED must be an integer"):
         get_profile("cpu")
+
+
+def test_make_seeds_judges_each_seed_by_the_course_bar():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import seeds
+
+    good = {"seconds_total": 640.0, "eval": {"vqa_accuracy": 0.95, "caption_accuracy": 0.9,
+                                            "vqa_by_type": {"exists": 0.9}}}
+    assert seeds.seed_row(1234, good, course_ok=True)["meets_bar"]
+    assert not seeds.seed_row(1235, good, course_ok=False)["meets_bar"]           # the notebook failed
+    low = {"eval": {"vqa_accuracy": 0.95, "caption_accuracy": 0.79}}
+    assert not seeds.seed_row(1236, low, course_ok=True)["meets_bar"]
+    assert not seeds.seed_row(1236, {}, course_ok=True)["meets_bar"]             # no report at all
+    assert seeds.BAR == {"vqa_accuracy": 0.90, "caption_accuracy": 0.80}

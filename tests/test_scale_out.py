@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from capstone_lib.checkpoint import load_checkpoint
-from capstone_lib.trainer import read_history
+from capstone_lib.history import read_history
 from scale_worker import STEPS, cli_settings, scale_profile
 
 HERE = Path(__file__).resolve().parent
@@ -48,7 +48,7 @@ def _copy_checkpoint(src_run: Path, step: int, dst_run: Path) -> None:
 def runs(tmp_path_factory):
     """One-process reference runs in ``one/``, two-rank runs in ``two/``, and the runs resumed across."""
     from capstone_lib.feature_cache import ensure_feature_cache
-    from capstone_lib.pretrain import ensure_language_model
+    from capstone_lib.language_model import ensure_language_model
     from capstone_lib.stage1 import train_stage1
     from capstone_lib.stage2 import train_stage2
 

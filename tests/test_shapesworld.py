@@ -17,9 +17,10 @@ from capstone_lib.images import load_image
 from capstone_lib.llava_data import load_llava_instruct
 from capstone_lib.profiles import get_profile
 from capstone_lib.redpajama import read_jsonl_texts
-from capstone_lib.shapesworld import (COLORS, NUMBER_WORDS, POSITIONS, QUESTION_TYPES, SHAPES, ShapeObject,
-                                      ShapesWorldPaths, ensure_shapesworld, generate, parse_caption,
-                                      render_scene, scene_key, score_caption)
+from capstone_lib.shapesworld import ShapesWorldPaths, ensure_shapesworld, generate
+from capstone_lib.shapesworld_scenes import (COLORS, NUMBER_WORDS, POSITIONS, QUESTION_TYPES, SHAPES,
+                                             ShapeObject, render_scene, scene_key)
+from capstone_lib.shapesworld_text import parse_caption, score_caption
 from capstone_lib.validation import validate_conversation
 
 SMALL = dict(seed=3, image_size=64, n_train=40, n_val=20, max_objects=3, captions_per_image=3,
@@ -244,7 +245,7 @@ def test_corpus_mix_and_chat_turns_are_settings(tmp_path):
 
 def _described(world) -> float:
     """The share of training conversations with a description request (one of the generator's prompts)."""
-    from capstone_lib.shapesworld import _DESCRIBE_PROMPTS
+    from capstone_lib.shapesworld_text import _DESCRIBE_PROMPTS
 
     convs = json.loads(world.llava_train.read_text())
     return sum(any(t["from"] == "human" and t["value"].replace("<image>", "").strip() in _DESCRIBE_PROMPTS
@@ -266,7 +267,7 @@ def test_describe_fraction_is_a_setting(tmp_path):
 
 def test_explained_exists_answers_state_the_evidence_then_the_right_verdict(tmp_path):
     from capstone_lib.evaluate import yes_no_verdict
-    from capstone_lib.shapesworld import exists_evidence
+    from capstone_lib.shapesworld_text import exists_evidence
 
     base = {**SMALL, "n_train": 60, "n_val": 4, "corpus_docs": 40, "corpus_mix": {"chat": 1}}
     plain = generate(tmp_path / "plain", progress=False, **base)
@@ -350,7 +351,8 @@ def test_cpu_profile_settings_generate_complete_data(tmp_path):
 
 
 def test_spoken_truth_answers_the_shipped_questions_from_the_scene():
-    from capstone_lib.shapesworld import ShapeObject, spoken_truth
+    from capstone_lib.shapesworld_scenes import ShapeObject
+    from capstone_lib.shapesworld_text import spoken_truth
 
     scene = [ShapeObject("red", "square", "top left"), ShapeObject("blue", "circle", "center")]
     assert spoken_truth("What color is the circle?", scene) == "blue"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from capstone_lib.chat import IMAGE_TOKEN, TemplateError, encode_conversation, encode_prompt
-from capstone_lib.shapesworld import make_captions, make_conversation, make_corpus_doc, sample_scene
+from capstone_lib.shapesworld_scenes import sample_scene
+from capstone_lib.shapesworld_text import make_captions, make_conversation, make_corpus_doc
 from capstone_lib.tokenizer import (EOS_TOKEN, load_tokenizer, prepare_tokenizer,
                                     tokenizer_fingerprint, train_bpe_tokenizer)
 

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from capstone_lib.checkpoint import CheckpointError, list_checkpoints
-from capstone_lib.trainer import TrainConfig, Trainer, default_batches, plot_history, read_history
+from capstone_lib.history import plot_history, read_history
+from capstone_lib.trainer import TrainConfig, Trainer, default_batches
 from capstone_lib.validation import DataError
 
 ROOT = Path(__file__).resolve().parent.parent

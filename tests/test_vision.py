@@ -13,12 +13,13 @@ from conftest import TINY_N_PATCHES, make_tiny_vision
 
 from capstone_lib import get_profile
 from capstone_lib.images import load_image
-from capstone_lib.shapesworld import render_scene, sample_scene
-from capstone_lib.vision import (attribute_probe, caption_negatives, caption_retrieval_accuracy,
-                                 contrastive_loss, describe_objects, fit_tiny_clip, load_clip, load_vision_tower,
-                                 patch_token_probe, preprocess, sample_photos, scale_position_embeddings,
-                                 tiny_clip_config, tiny_image_processor, train_caption_tokenizer,
-                                 train_tiny_clip, vision_features)
+from capstone_lib.shapesworld_scenes import render_scene, sample_scene
+from capstone_lib.vision import (attribute_probe, caption_retrieval_accuracy, describe_objects, load_clip,
+                                 load_vision_tower, patch_token_probe, preprocess, sample_photos,
+                                 vision_features)
+from capstone_lib.tiny_clip import (caption_negatives, contrastive_loss, fit_tiny_clip,
+                                    scale_position_embeddings, tiny_clip_config, tiny_image_processor,
+                                    train_caption_tokenizer, train_tiny_clip)
 
 CAPTIONS = ["A red circle at the top left.", "Two shapes: a blue square in the center and a "
             "white triangle on the right.", "We see a green triangle at the bottom."]
@@ -95,7 +96,7 @@ def test_contrastive_loss_matches_clip_and_forgives_duplicate_captions():
 
 
 def test_caption_negatives_change_exactly_one_fact():
-    from capstone_lib.shapesworld import parse_caption
+    from capstone_lib.shapesworld_text import parse_caption
 
     rng = random.Random(0)
     caption = "There are two shapes: a yellow square at the top and a red circle on the left."

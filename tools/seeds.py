@@ -29,12 +29,18 @@ def run_seed(seed: int, out: Path) -> dict:
     proc = subprocess.run([sys.executable, "-m", "capstone_lib.course", "--profile", "cpu"], cwd=ROOT, env=env)
     report_file = runs / "cpu" / "report.json"
     report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    row = seed_row(seed, report, proc.returncode == 0)
+    row.update(wall_seconds=round(time.perf_counter() - t0, 1), report=str(report_file))
+    return row
+
+
+def seed_row(seed: int, report: dict, course_ok: bool) -> dict:
+    """One seed's figures from its report; ``meets_bar`` only when the course ran and both bars hold."""
     ev = report.get("eval", {})
-    row = {"seed": seed, "course_ok": proc.returncode == 0, "wall_seconds": round(time.perf_counter() - t0, 1),
-           "seconds_total": report.get("seconds_total"), "stages": report.get("stages", {}),
-           "vqa_accuracy": ev.get("vqa_accuracy"), "caption_accuracy": ev.get("caption_accuracy"),
-           "vqa_by_type": ev.get("vqa_by_type", {}), "report": str(report_file)}
-    row["meets_bar"] = row["course_ok"] and all((row[k] or 0) >= v for k, v in BAR.items())
+    row = {"seed": seed, "course_ok": course_ok, "seconds_total": report.get("seconds_total"),
+           "stages": report.get("stages", {}), "vqa_accuracy": ev.get("vqa_accuracy"),
+           "caption_accuracy": ev.get("caption_accuracy"), "vqa_by_type": ev.get("vqa_by_type", {})}
+    row["meets_bar"] = course_ok and all(isinstance(row[k], (int, float)) and row[k] >= v for k, v in BAR.items())
     return row
 
 

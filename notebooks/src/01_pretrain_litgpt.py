@@ -46,11 +46,10 @@ import math
 import matplotlib.pyplot as plt
 import torch
 
-from capstone_lib.pretrain import (EARLIER_WRITEUP, corpus_paths, ensure_language_model,
-                                   ensure_tokenizer, export_language_model, format_command, hf_generate, lit_config,
-                                   lit_generate, lit_model, load_language_model, loss_curves,
-                                   pretrain_command, pretrain_paths, read_metrics, run_pretraining,
-                                   scaling_estimate, throughput)
+from capstone_lib.language_model import ensure_language_model, export_language_model, load_language_model
+from capstone_lib.pretrain import (EARLIER_WRITEUP, corpus_paths, ensure_tokenizer, format_command, hf_generate,
+                                   lit_config, lit_generate, lit_model, loss_curves, pretrain_command,
+                                   pretrain_paths, read_metrics, run_pretraining, scaling_estimate, throughput)
 from capstone_lib.report import StageTimer
 from capstone_lib.tokenizer import load_tokenizer
 

@@ -47,11 +47,11 @@ from capstone_lib.images import load_image
 from capstone_lib.real_data import dataset_paths
 from capstone_lib.report import StageTimer
 from capstone_lib.shapesworld import load_scenes, show_samples
-from capstone_lib.vision import (TINY_CLIP, attribute_probe, caption_retrieval_accuracy,
-                                 clip_metrics, embed_images, embed_texts, encoder_dir, load_clip,
-                                 load_pixel_values, load_vision_tower, patch_index_at,
-                                 patch_similarity_map, patch_token_probe, preprocess, sample_photos,
-                                 vision_features)
+from capstone_lib.vision import (TINY_CLIP, attribute_probe, caption_retrieval_accuracy, embed_images,
+                                 embed_texts, encoder_dir, load_clip, load_pixel_values, load_vision_tower,
+                                 patch_index_at, patch_similarity_map, patch_token_probe, preprocess,
+                                 sample_photos, vision_features)
+from capstone_lib.tiny_clip import clip_metrics
 
 torch.manual_seed(0)
 on_shapes = on_shapesworld(profile)    # ShapesWorld (cpu/smoke) or COCO 2017 (GPU profiles)

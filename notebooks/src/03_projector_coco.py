@@ -50,7 +50,7 @@ from capstone_lib.real_data import dataset_paths
 from capstone_lib.report import StageTimer, record_eval
 from capstone_lib.shapesworld import show_samples
 from capstone_lib.stage1 import CaptionDataset, build_model, train_stage1
-from capstone_lib.trainer import plot_history
+from capstone_lib.history import plot_history
 
 on_shapes = on_shapesworld(profile)
 paths = dataset_paths(profile)            # ShapesWorld on cpu/smoke, the COCO 2017 view on GPU profiles

@@ -42,13 +42,13 @@ from capstone_lib.evaluate import evaluate_course, format_course_results, headli
 from capstone_lib.feature_cache import ensure_feature_cache
 from capstone_lib.llava_data import load_llava_instruct
 from capstone_lib.lm_spec import lm_spec
-from capstone_lib.pretrain import ensure_language_model
+from capstone_lib.language_model import ensure_language_model
 from capstone_lib.real_data import dataset_paths
 from capstone_lib.report import StageTimer, record_eval
 from capstone_lib.stage1 import ensure_projector
 from capstone_lib.stage2 import ensure_assistant, train_stage2
 from capstone_lib.tokenizer import load_tokenizer
-from capstone_lib.trainer import plot_history
+from capstone_lib.history import plot_history
 
 on_shapes = on_shapesworld(profile)
 spec = lm_spec(profile)               # the LM's identity: weights, chat format, EOS, LoRA targets, export

@@ -50,7 +50,7 @@ from capstone_lib.generate import stream_generate
 from capstone_lib.profiles import REPO_ROOT
 from capstone_lib.real_data import dataset_paths
 from capstone_lib.report import StageTimer
-from capstone_lib.shapesworld import spoken_truth
+from capstone_lib.shapesworld_text import spoken_truth
 from capstone_lib.transcribe import Transcriber
 
 CLIPS = REPO_ROOT / "data" / "audio"

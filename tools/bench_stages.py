@@ -1,4 +1,4 @@
-"""The performance benchmark: ``make bench`` / ``python -m capstone_lib.bench``.
+"""The stage benchmarks (dev tooling, not part of the library): ``make bench`` / ``python tools/bench_stages.py``.
 
 It times the course's three hot loops on whatever device is present, prints a table and
 writes ``runs/bench/bench.json``. Each figure is measured in the same run as its reference,
@@ -57,6 +57,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -67,7 +68,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .profiles import REPO_ROOT
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from capstone_lib.profiles import REPO_ROOT  # noqa: E402
 
 PHI2 = dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=32, num_attention_heads=32,
             num_key_value_heads=32, partial_rotary_factor=0.4, vocab_size=51200, hidden_act="gelu_new",
@@ -292,7 +294,7 @@ def random_phi(shape: BenchShape, dtype: torch.dtype, device: torch.device) -> n
     """
     from transformers import PhiConfig, PhiForCausalLM
 
-    from .lm_tuning import tune_language_model
+    from capstone_lib.lm_tuning import tune_language_model
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -305,7 +307,7 @@ def random_clip_vision(vision: dict, dtype: torch.dtype, device: torch.device) -
     """A frozen ``CLIPVisionModel`` of the given config with random weights."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from .vision import freeze
+    from capstone_lib.vision import freeze
 
     torch.manual_seed(1)
     with torch.device(device):
@@ -341,7 +343,7 @@ def synthetic_samples(n: int, n_img: int, text: int, vocab: int, image_token_id:
 
 def _trainer(model, params: list[dict], data, collate, precision: str, device: torch.device, tmp: Path):
     """The course's ``Trainer`` (AdamW, cosine schedule, clipping, autocast/GradScaler) for ``model``."""
-    from .trainer import TrainConfig, Trainer
+    from capstone_lib.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(lr=1e-4, warmup_ratio=0.0, max_steps=10_000, micro_batch_size=len(data),
                       precision=precision, device=str(device), log_every=0)
@@ -395,13 +397,14 @@ def bench_stage1(shape: BenchShape, lm, precision: str, device: torch.device, tm
                  probe: Callable[[], float], vision: dict | None = None, tag: str = "",
                  profile_ops: bool = False) -> dict[str, Any]:
     """The projector step on cached features, interleaved with the same step running CLIP in the loop."""
-    from .batching import collate_padded
-    from .feature_cache import build_feature_cache
-    from .images import load_image
-    from .lm_tuning import tune_language_model
-    from .mm_model import VisionLanguageModel
-    from .projector import build_projector
-    from .vision import preprocess, tiny_image_processor
+    from capstone_lib.batching import collate_padded
+    from capstone_lib.feature_cache import build_feature_cache
+    from capstone_lib.images import load_image
+    from capstone_lib.lm_tuning import tune_language_model
+    from capstone_lib.mm_model import VisionLanguageModel
+    from capstone_lib.projector import build_projector
+    from capstone_lib.vision import preprocess
+    from capstone_lib.tiny_clip import tiny_image_processor
 
     vision = vision or shape.vision
     B, n_img = shape.stage1_batch, n_patches(vision)
@@ -495,11 +498,11 @@ def bench_stage2(shape: BenchShape, profile, lm_dir: Path, device: torch.device,
                  probe: Callable[[], float], gradient_checkpointing: bool,
                  flops: int | None = None) -> dict[str, Any]:
     """The QLoRA step: 4-bit base (``qlora.load_base_lm``) + LoRA (``qlora.add_lora``) + projector."""
-    from .batching import collate_padded
-    from .mm_model import VisionLanguageModel
-    from .profiles import Profile
-    from .projector import build_projector
-    from .qlora import add_lora, load_base_lm, lora_parameters
+    from capstone_lib.batching import collate_padded
+    from capstone_lib.mm_model import VisionLanguageModel
+    from capstone_lib.profiles import Profile
+    from capstone_lib.projector import build_projector
+    from capstone_lib.qlora import add_lora, load_base_lm, lora_parameters
 
     raw = profile.to_dict()
     raw["stage2"]["gradient_checkpointing"] = gradient_checkpointing
@@ -545,9 +548,9 @@ def bench_stage2(shape: BenchShape, profile, lm_dir: Path, device: torch.device,
 
 def bench_generate(shape: BenchShape, lm, device: torch.device) -> dict[str, Any]:
     """Time to first token and tokens/s of ``stream_generate``, KV cache and no cache in turn."""
-    from .generate import stream_generate
-    from .mm_model import VisionLanguageModel
-    from .projector import build_projector
+    from capstone_lib.generate import stream_generate
+    from capstone_lib.mm_model import VisionLanguageModel
+    from capstone_lib.projector import build_projector
 
     n_img, vdim = n_patches(shape.vision), shape.vision["hidden_size"]
     torch.manual_seed(5)
@@ -588,8 +591,8 @@ def bench_generate(shape: BenchShape, lm, device: torch.device) -> dict[str, Any
 
 def course_seconds(path: Path | None = None) -> dict[str, float] | None:
     """Wall-clock seconds of each stage of the last ``cpu`` course run (``runs/cpu/report.json``)."""
-    from .profiles import get_profile
-    from .report import report_path
+    from capstone_lib.profiles import get_profile
+    from capstone_lib.report import report_path
 
     path = Path(path or report_path(get_profile("cpu")))
     if not path.is_file():
@@ -613,13 +616,16 @@ def _or_oom(fn: Callable[[], dict]) -> dict:
 # ------------------------------------------------------------------------------------------
 def bench_profile(shape: BenchShape, device: torch.device):
     """The course profile whose precision and stage-2 settings the benchmark uses on ``device``."""
-    from .profiles import detect_auto, get_profile
+    from capstone_lib.profiles import detect_auto, get_profile
 
-    from .lm_spec import lm_preset
+    from capstone_lib.lm_spec import lm_preset
 
     stage2 = dict(lora_r=shape.lora_r, lora_alpha=shape.lora_alpha, quantize_4bit=True)
+    # On a CPU these figures stay fp32, comparable with their history; precision on a CPU is
+    # tools/bench_levers.py's subject.
+    runtime = dict(device=str(device)) if device.type == "cuda" else dict(device="cpu", precision="fp32")
     return get_profile(detect_auto() if device.type == "cuda" else "cpu", stage2=stage2,
-                       runtime=dict(device=str(device)), lm=lm_preset("phi-2"))
+                       runtime=runtime, lm=lm_preset("phi-2"))
 
 
 def device_info(device: torch.device) -> dict[str, Any]:
@@ -646,7 +652,7 @@ def run_bench(shape: str = "auto", device: str | None = None, out: str | Path | 
     name = shape if shape != "auto" else ("gpu" if dev.type == "cuda" else "cpu")
     if name not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose auto, {', '.join(SHAPES)}")
-    from .qlora import compute_dtype
+    from capstone_lib.qlora import compute_dtype
 
     sh = SHAPES[name] if vit_b32 is None else replace(SHAPES[name], vit_b32_check=vit_b32)
     prof = bench_profile(sh, dev)
@@ -654,7 +660,7 @@ def run_bench(shape: str = "auto", device: str | None = None, out: str | Path | 
         sh = replace(sh, stage1_batch=prof.stage1.micro_batch_size)
     precision, dtype = prof.runtime.precision, compute_dtype(prof)
     t_start = time.perf_counter()
-    from .lm_tuning import lm_tuning_levers
+    from capstone_lib.lm_tuning import lm_tuning_levers
 
     res: dict[str, Any] = {"shape": sh.name, "shape_detail": sh.describe(), "config": asdict(sh),
                            "machine": device_info(dev), "precision": precision, "profile": prof.name,
@@ -816,7 +822,7 @@ def closing_note(res: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m capstone_lib.bench [--shape auto|gpu|cpu|tiny] [--out PATH]``."""
+    """Command line: ``python tools/bench_stages.py [--shape auto|gpu|cpu|tiny] [--out PATH]``."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="auto", choices=("auto", *SHAPES))
     ap.add_argument("--smallest", action="store_true", help="same as --shape tiny")
