@@ -414,7 +414,7 @@ def ensure_feature_cache(profile: Profile, split: str, vision=None) -> FeatureCa
     ranks build shards and share one merged cache (``build_feature_cache_sharded``).
     """
     from .coco import load_coco_captions
-    from .real_data import dataset_paths
+    from .data_sources import dataset_paths
     from .distributed import init_distributed, rank_zero_first
     from .vision import load_vision_tower
 

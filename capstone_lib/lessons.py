@@ -60,7 +60,7 @@ def evaluate_model(profile: Profile, vlm, tokenizer, n_questions: int, n_caption
     """The course's held-out evaluation for one model (ShapesWorld questions, or COCO captions + POPE)."""
     from .evaluate import evaluate_course
     from .feature_cache import ensure_feature_cache
-    from .real_data import dataset_paths
+    from .data_sources import dataset_paths
 
     return evaluate_course(profile, vlm, tokenizer, ensure_feature_cache(profile, "val"),
                            dataset_paths(profile), n_questions, n_captions)

@@ -578,14 +578,3 @@ def _write_view(paths: RealDataPaths, store: Path, plan: _Plan, settings: dict, 
         if (read_json_or_none(paths.manifest) or {}).get("settings") != settings:
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def dataset_paths(profile: Any) -> Any:
-    """ShapesWorld paths when ``profile.data.source == "shapesworld"``, else the real data view."""
-    if profile.data.source == "shapesworld":
-        from .shapesworld import ensure_shapesworld
-
-        return ensure_shapesworld(profile)
-    if profile.data.source != "real":
-        raise ValueError(f"data.source must be 'shapesworld' or 'real', got {profile.data.source!r}")
-    return ensure_real_data(profile)

@@ -250,7 +250,7 @@ def run_real_eval(profile: Any, answer_fn: AnswerFn, paths: Any = None,
                   progress: bool = True) -> dict[str, dict[str, Any]]:
     """Captions (``eval.n_captions``) and POPE (``eval.n_questions`` per strategy) on ``profile``'s data."""
     if paths is None:
-        from .real_data import dataset_paths
+        from .data_sources import dataset_paths
 
         paths = dataset_paths(profile)
     instances = getattr(paths, "instances_val", None)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .batching import collate_padded, shuffled_batches
+from .checkpoint import stage_checkpoint_dir
 from .chat import (CAPTION_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, TemplateError, caption_conversation,
                    encode_conversation)
 from .lessons import SeedBugs, apply_seed_bugs
@@ -153,7 +154,7 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     from .feature_cache import ensure_feature_cache
     from .lm_spec import lm_spec
     from .plan import find_device, plan_training
-    from .real_data import dataset_paths
+    from .data_sources import dataset_paths
     from .trainer import TrainConfig, Trainer
 
     cfg1 = {**vars(profile.stage1), **overrides}
@@ -173,19 +174,12 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     if data.truncated:
         print(f"note: {data.truncated} of {len(data)} captions truncated to max_len={cfg1['max_len']}")
     out = Path(out_dir) if out_dir else projector_dir(profile)
-    cfg = TrainConfig(lr=cfg1["lr"], weight_decay=cfg1["weight_decay"], warmup_ratio=cfg1["warmup_ratio"],
-                      max_steps=cfg1["max_steps"], epochs=cfg1["epochs"],
-                      micro_batch_size=cfg1["micro_batch_size"], grad_accum=cfg1["grad_accum"],
-                      grad_clip=cfg1["grad_clip"], precision=profile.runtime.precision,
-                      eval_every=cfg1["eval_every"], save_every=cfg1["save_every"],
-                      save_every_minutes=cfg1["save_every_minutes"],
-                      keep_last=profile.runtime.keep_checkpoints, seed=profile.runtime.seed,
-                      device=profile.runtime.device, num_workers=profile.runtime.num_workers)
+    cfg = TrainConfig.from_stage(cfg1, profile.runtime)
     pad = tokenizer.pad_token_id
     trainer = Trainer(
         vlm, [{"name": "projector", "params": list(vlm.projector.parameters()), "lr": cfg1["lr"]}], data,
         lambda samples: collate_padded(samples, pad, train_cache.get_batch), cfg,
-        _checkpoint_root(profile, out) / "checkpoints",
+        stage_checkpoint_dir(profile, out.name, out),
         eval_fn=make_caption_eval(vlm, tokenizer, val_records, val_cache, cfg1["n_eval_captions"],
                                   cfg1["max_len"], n_tokens),
         batches_for_epoch=lambda epoch: shuffled_batches(len(data), cfg1["micro_batch_size"],
@@ -209,12 +203,6 @@ def train_stage1(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     trainer._barrier()
     return {"model": vlm, "tokenizer": tokenizer, "history": result.history, "meta": meta,
             "out_dir": out}
-
-
-def _checkpoint_root(profile: Profile, out: Path) -> Path:
-    """Checkpoints go next to the artifact, or under the profile's Drive folder when set."""
-    drive = profile.runtime.drive_dir
-    return Path(drive) / profile.name / out.name if drive else out
 
 
 def _read_meta(out: Path) -> dict[str, Any]:

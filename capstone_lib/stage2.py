@@ -16,6 +16,7 @@ from torch import nn
 
 from .batching import collate_padded, length_grouped_batches
 from .chat import IMAGE_TOKEN, TemplateError, encode_conversation
+from .checkpoint import stage_checkpoint_dir
 from .export import assistant_dir
 from .lessons import SeedBugs, apply_seed_bugs
 from .profiles import Profile
@@ -123,7 +124,7 @@ def conversation_data(profile: Profile, tokenizer, n_tokens: int, max_len: int,
                       bugs: SeedBugs | None = None) -> ConversationDataset:
     """The profile's training conversations (its subset), tokenized; skipped records reported."""
     from .llava_data import load_llava_instruct
-    from .real_data import dataset_paths
+    from .data_sources import dataset_paths
 
     paths = dataset_paths(profile)
     skips = SkipCounter() if profile.runtime.allow_skips else None
@@ -143,7 +144,7 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
     from .llava_data import load_llava_instruct
     from .plan import find_device, plan_training
     from .qlora import lora_parameters
-    from .real_data import dataset_paths
+    from .data_sources import dataset_paths
     from .trainer import TrainConfig, Trainer
 
     s2 = {**vars(profile.stage2), **overrides}
@@ -161,20 +162,12 @@ def train_stage2(profile: Profile, resume: str | bool = "auto", bugs: SeedBugs |
         print(f"note: {data.truncated} of {len(data)} conversations truncated at a turn boundary "
               f"to fit max_len={s2['max_len']}")
     out = Path(out_dir) if out_dir else stage2_dir(profile)
-    cfg = TrainConfig(lr=s2["lr"], weight_decay=s2["weight_decay"], warmup_ratio=s2["warmup_ratio"],
-                      max_steps=s2["max_steps"], epochs=s2["epochs"], micro_batch_size=s2["micro_batch_size"],
-                      grad_accum=s2["grad_accum"], grad_clip=s2["grad_clip"],
-                      precision=profile.runtime.precision, eval_every=s2["eval_every"],
-                      save_every=s2["save_every"], save_every_minutes=s2["save_every_minutes"],
-                      keep_last=profile.runtime.keep_checkpoints,
-                      seed=profile.runtime.seed, device=profile.runtime.device,
-                      num_workers=profile.runtime.num_workers)
+    cfg = TrainConfig.from_stage(s2, profile.runtime)
     pad = tokenizer.pad_token_id
     lengths = data.lengths
     groups = [{"name": "lora", "params": lora_parameters(vlm.lm), "lr": s2["lr"]},
               {"name": "projector", "params": list(vlm.projector.parameters()), "lr": s2["projector_lr"]}]
-    drive = profile.runtime.drive_dir
-    ckpt = (Path(drive) / profile.name / out.name if drive else out) / "checkpoints"
+    ckpt = stage_checkpoint_dir(profile, out.name, out)
     trainer = Trainer(
         vlm, groups, data, lambda samples: collate_padded(samples, pad, train_cache.get_batch), cfg, ckpt,
         eval_fn=make_qa_eval(vlm, tokenizer, val, val_cache),

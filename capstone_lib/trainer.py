@@ -74,6 +74,15 @@ class TrainConfig:
     device: str = "cpu"
     num_workers: int = 0             # DataLoader workers that collate batches
 
+    @classmethod
+    def from_stage(cls, stage: dict[str, Any], runtime: Any) -> "TrainConfig":
+        """A stage section's training settings (``vars(profile.stage1)`` + overrides) and the runtime's."""
+        from dataclasses import fields
+
+        own = {f.name for f in fields(cls)} & set(stage)
+        return cls(**{k: stage[k] for k in own}, precision=runtime.precision, keep_last=runtime.keep_checkpoints,
+                   seed=runtime.seed, device=runtime.device, num_workers=runtime.num_workers)
+
 
 @dataclass
 class TrainResult:

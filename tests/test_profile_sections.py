@@ -72,3 +72,12 @@ def test_make_seeds_judges_each_seed_by_the_course_bar():
     assert not seeds.seed_row(1236, low, course_ok=True)["meets_bar"]
     assert not seeds.seed_row(1236, {}, course_ok=True)["meets_bar"]             # no report at all
     assert seeds.BAR == {"vqa_accuracy": 0.90, "caption_accuracy": 0.80}
+
+
+def test_both_stages_build_their_train_config_from_their_section():
+    from capstone_lib.trainer import TrainConfig
+
+    p = get_profile("smoke", runtime={"seed": 7}, stage2={"max_steps": 11, "grad_accum": 3})
+    cfg = TrainConfig.from_stage({**vars(p.stage2), "eval_every": None}, p.runtime)
+    assert (cfg.max_steps, cfg.grad_accum, cfg.eval_every, cfg.seed, cfg.precision) == (11, 3, None, 7, "fp32")
+    assert TrainConfig.from_stage(vars(p.stage1), p.runtime).micro_batch_size == p.stage1.micro_batch_size

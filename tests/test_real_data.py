@@ -20,8 +20,9 @@ import pytest
 from capstone_lib.coco import load_coco_captions
 from capstone_lib.llava_data import load_llava_instruct
 from capstone_lib.profiles import get_profile
-from capstone_lib.real_data import (DownloadError, RealDataPaths, RealDataSources, Remote, dataset_paths,
-                                    download_file, download_images, ensure_real_data, extract_zip)
+from capstone_lib.real_data import (DownloadError, RealDataPaths, RealDataSources, Remote, download_file,
+                                    download_images, ensure_real_data, extract_zip)
+from capstone_lib.data_sources import dataset_paths
 from capstone_lib.real_eval import build_pope_items, coco_val_records, shapesworld_instances
 from capstone_lib.shapesworld import ShapesWorldPaths, generate
 from capstone_lib.stage2 import image_id_of

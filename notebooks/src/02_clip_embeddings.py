@@ -44,7 +44,7 @@ from capstone_lib.coco import load_coco_captions
 from capstone_lib.evaluate import on_shapesworld
 from capstone_lib.feature_cache import build_feature_cache, ensure_feature_cache
 from capstone_lib.images import load_image
-from capstone_lib.real_data import dataset_paths
+from capstone_lib.data_sources import dataset_paths
 from capstone_lib.report import StageTimer
 from capstone_lib.shapesworld import load_scenes, show_samples
 from capstone_lib.vision import (TINY_CLIP, attribute_probe, caption_retrieval_accuracy, embed_images,

@@ -46,7 +46,7 @@ from capstone_lib.chat import CAPTION_PROMPT, IGNORE_INDEX, IMAGE_TOKEN, render_
 from capstone_lib.coco import load_coco_captions
 from capstone_lib.evaluate import evaluate_course, format_course_results, generate_answer, on_shapesworld
 from capstone_lib.feature_cache import ensure_feature_cache
-from capstone_lib.real_data import dataset_paths
+from capstone_lib.data_sources import dataset_paths
 from capstone_lib.report import StageTimer, record_eval
 from capstone_lib.shapesworld import show_samples
 from capstone_lib.stage1 import CaptionDataset, build_model, train_stage1

@@ -43,7 +43,7 @@ from capstone_lib.feature_cache import ensure_feature_cache
 from capstone_lib.llava_data import load_llava_instruct
 from capstone_lib.lm_spec import lm_spec
 from capstone_lib.language_model import ensure_language_model
-from capstone_lib.real_data import dataset_paths
+from capstone_lib.data_sources import dataset_paths
 from capstone_lib.report import StageTimer, record_eval
 from capstone_lib.stage1 import ensure_projector
 from capstone_lib.stage2 import ensure_assistant, train_stage2

@@ -48,7 +48,7 @@ from capstone_lib.coco import load_coco_captions
 from capstone_lib.evaluate import answers_match, normalize_answer, on_shapesworld
 from capstone_lib.generate import stream_generate
 from capstone_lib.profiles import REPO_ROOT
-from capstone_lib.real_data import dataset_paths
+from capstone_lib.data_sources import dataset_paths
 from capstone_lib.report import StageTimer
 from capstone_lib.shapesworld_text import spoken_truth
 from capstone_lib.transcribe import Transcriber
