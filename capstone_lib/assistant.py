@@ -25,9 +25,9 @@ from PIL import Image
 
 from .chat import IMAGE_TOKEN, encode_prompt
 from .generate import _token_embedding, stream_generate
+from .precision import storage_dtype
 from .transcribe import Transcriber, Transcript
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class AssistantError(ValueError):
@@ -159,8 +159,7 @@ class Assistant:
             print("Assistant: no CUDA device; loading on the CPU")
             device = "cpu"
         if dtype is None:
-            dtype = _DTYPES.get(_setting(profile, "runtime", "precision", "fp32"), torch.float32)
-            dtype = torch.float32 if device == "cpu" else dtype
+            dtype = storage_dtype(_setting(profile, "runtime", "precision", "fp32"), device)
         if course:                     # the course's own folder (an LM Llava cannot hold, e.g. Phi-2)
             model, tokenizer, image_processor = load_course_export(llava_dir, device, dtype)
         else:

@@ -185,7 +185,6 @@ def _why_stale(cache_dir: Path, wanted: dict) -> str | None:
     return None
 
 
-
 def build_feature_cache(vision_model, image_processor, items: Sequence[tuple[int, str | Path]],
                         cache_dir: str | Path, layer: int = -2, drop_cls: bool = True,
                         batch_size: int = 64, dtype: str = "float32", skips: SkipCounter | None = None,
@@ -258,7 +257,7 @@ def build_feature_cache(vision_model, image_processor, items: Sequence[tuple[int
     os.replace(tmp_path, cache_dir / "features.npy")
     n_skipped = (skips.count - skipped_before) if skips is not None else 0
     write_json_atomic(cache_dir / "index.json", {"ids": list(rows), "rows": list(rows.values()),
-                                                  "skipped": n_skipped})
+                                                 "skipped": n_skipped})
     meta = dict(wanted, shape=shape, n_images=len(rows), encoder=getattr(vision_model.config,
                                                                          "_name_or_path", ""))
     write_json_atomic(cache_dir / "meta.json", meta)
@@ -294,7 +293,7 @@ def merge_feature_shards(cache_dir: str | Path, world_size: int) -> FeatureCache
     del out
     os.replace(tmp_path, cache_dir / "features.npy")
     write_json_atomic(cache_dir / "index.json", {"ids": ids, "rows": list(range(len(ids))),
-                                                  "skipped": sum(s.skipped or 0 for s in shards)})
+                                                 "skipped": sum(s.skipped or 0 for s in shards)})
     meta = {k: shards[0].meta[k] for k in keys}
     meta.update(shape=shape, n_images=len(ids), ids_hash=_ids_hash(ids), merged_from=world_size)
     write_json_atomic(cache_dir / "meta.json", meta)
@@ -399,7 +398,7 @@ def merge_shards_in_order(cache_dir: str | Path, items: Sequence[tuple[int, str 
     os.replace(tmp_path, cache_dir / "features.npy")
     order = [int(i) for i, _ in items if int(i) in kept]
     write_json_atomic(cache_dir / "index.json", {"ids": order, "rows": [position[i] for i in order],
-                                                  "skipped": sum(int(s.skipped or 0) for s in shards)})
+                                                 "skipped": sum(int(s.skipped or 0) for s in shards)})
     write_json_atomic(cache_dir / "meta.json", dict(wanted, shape=shape, n_images=len(order), encoder=encoder))
     del shards
     shutil.rmtree(cache_dir / "shards", ignore_errors=True)

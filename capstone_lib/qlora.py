@@ -7,13 +7,6 @@ import torch
 
 from .profiles import Profile
 
-def compute_dtype(profile: Profile) -> torch.dtype:
-    """The dtype matmuls run in: bf16 on an A100 (and a bf16-capable CPU), fp16 on a T4, else fp32."""
-    from .precision import compute_dtype as dtype_of
-
-    return dtype_of(profile.runtime.precision)
-
-
 def load_base_lm(profile: Profile, name_or_path: str | Path, tokenizer=None):
     """The base LM for stage 2: 4-bit NF4 with double quantization when the profile says so.
 
@@ -24,11 +17,11 @@ def load_base_lm(profile: Profile, name_or_path: str | Path, tokenizer=None):
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from .precision import attention_implementation, storage_dtype
     from .distributed import resolve_device
+    from .precision import attention_implementation, compute_dtype, storage_dtype
 
     runtime = profile.runtime
-    dtype = compute_dtype(profile)
+    dtype = compute_dtype(runtime.precision)
     kwargs = {"dtype": storage_dtype(runtime.precision, runtime.device),
               "attn_implementation": attention_implementation(runtime.precision, runtime.device),
               "device_map": {"": resolve_device(runtime.device)}}

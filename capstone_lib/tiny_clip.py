@@ -198,31 +198,33 @@ def fit_tiny_clip(model, tokenizer, pixel_values: torch.Tensor, captions: Sequen
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     max_scale = math.log(100.0)              # CLIP clamps its temperature at 100
     default_attention = model.config._attn_implementation
-    model.set_attn_implementation(attention_implementation(precision, "cpu"))
-    model.train()
-    losses = []
-    bar = tqdm(range(steps), desc="tiny CLIP", leave=False)
-    for step in bar:
-        images = torch.randperm(len(captions), generator=gen)[:batch_size]
-        rows = torch.tensor([rng.choice(by_image[i]) for i in images.tolist()])
-        length = int(mask[rows].sum(1).max())          # trim padding shared by the whole batch
-        same = text_id[rows][:, None] == text_id[rows][None, :]
-        negatives = [n for r in rows.tolist() for n in caption_negatives(texts[r], rng, hard_negatives)]
-        loss = _loss_with_negatives(model, tokenizer, pixel_values[images], ids[rows, :length],
-                                    mask[rows, :length], same, negatives, precision)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, max_scale)
-        losses.append(loss.item())
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        if log and (step + 1) % max(1, steps // 5) == 0:
-            log(f"step {step + 1}/{steps}  contrastive loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    model.set_attn_implementation(default_attention)
+    model.set_attn_implementation(attention_implementation(precision, pixel_values.device.type))
+    try:
+        model.train()
+        losses = []
+        bar = tqdm(range(steps), desc="tiny CLIP", leave=False)
+        for step in bar:
+            images = torch.randperm(len(captions), generator=gen)[:batch_size]
+            rows = torch.tensor([rng.choice(by_image[i]) for i in images.tolist()])
+            length = int(mask[rows].sum(1).max())          # trim padding shared by the whole batch
+            same = text_id[rows][:, None] == text_id[rows][None, :]
+            negatives = [n for r in rows.tolist() for n in caption_negatives(texts[r], rng, hard_negatives)]
+            loss = _loss_with_negatives(model, tokenizer, pixel_values[images], ids[rows, :length],
+                                        mask[rows, :length], same, negatives, precision)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, max_scale)
+            losses.append(loss.item())
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+            if log and (step + 1) % max(1, steps // 5) == 0:
+                log(f"step {step + 1}/{steps}  contrastive loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    finally:
+        model.set_attn_implementation(default_attention)
     model.eval()
     return losses
 

@@ -42,14 +42,13 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .distributed import barrier, dist_env, init_distributed, resolve_device
 from .checkpoint import (CheckpointError, check_writable, checkpoint_step, clean_partial, copy_into_model,
                          fault_point, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
                          verify_checkpoint)
+from .distributed import barrier, dist_env, init_distributed, resolve_device
 from .history import METRICS_FILE
 from .precision import PRECISIONS, autocast
 from .validation import DataError
-
 
 
 @dataclass

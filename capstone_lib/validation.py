@@ -10,7 +10,6 @@ and counts it under a reason, so nothing is dropped silently::
 """
 from __future__ import annotations
 
-import functools
 import json
 from collections import Counter
 from pathlib import Path
@@ -247,14 +246,9 @@ def file_in(folder: str | Path, name: Any) -> tuple[Path | None, str]:
         return None, f"file name part {too_long[0][:40]!r}... is longer than 255 bytes"
     path = Path(folder) / rel
     try:
-        real, base = path.resolve(), _resolved(str(folder))
+        real, base = path.resolve(), Path(folder).resolve()
     except (OSError, RuntimeError):          # a symlink loop
         return None, f"file name {name!r} cannot be resolved (a symbolic link loop?)"
     if real != base and base not in real.parents:
         return None, f"{name!r} is a symbolic link to {real}, outside {folder}"
     return path, ""
-
-
-@functools.lru_cache(maxsize=64)
-def _resolved(folder: str) -> Path:
-    return Path(folder).resolve()

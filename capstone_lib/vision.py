@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from .profiles import Profile
 
 TINY_CLIP = "tiny-clip"
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,7 +69,9 @@ def load_vision_tower(profile: Profile, device: str | None = None):
 
     source = encoder_dir(profile)
     device = device or profile.runtime.device
-    dtype = _DTYPES.get(profile.runtime.precision, torch.float32) if device != "cpu" else torch.float32
+    from .precision import storage_dtype
+
+    dtype = storage_dtype(profile.runtime.precision, device)
     with _quiet_transformers():
         model = CLIPVisionModel.from_pretrained(str(source), dtype=dtype)
     return freeze(model.to(device)), load_image_processor(source)

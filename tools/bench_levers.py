@@ -48,10 +48,13 @@ def interleaved(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, floa
 def stage2_batches(profile, n_batches: int) -> tuple[list[dict], Any, dict[str, Any]]:
     """Real stage-2 micro-batches (collated), the dataset, and padding / collate figures."""
     from capstone_lib.feature_cache import ensure_feature_cache
-    from capstone_lib.stage2 import build_stage2_model, conversation_data
+    from capstone_lib.language_model import ensure_language_model
+    from capstone_lib.lm_spec import lm_spec
+    from capstone_lib.stage2 import conversation_data
+    from capstone_lib.tokenizer import load_tokenizer
 
     cache = ensure_feature_cache(profile, "train")
-    _, tokenizer, _ = build_stage2_model(profile)
+    tokenizer = load_tokenizer(ensure_language_model(profile), lm_spec(profile))
     s2 = profile.stage2
     data = conversation_data(profile, tokenizer, cache.feature_shape[0], s2.max_len)
     lengths = data.lengths

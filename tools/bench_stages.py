@@ -652,13 +652,13 @@ def run_bench(shape: str = "auto", device: str | None = None, out: str | Path | 
     name = shape if shape != "auto" else ("gpu" if dev.type == "cuda" else "cpu")
     if name not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose auto, {', '.join(SHAPES)}")
-    from capstone_lib.qlora import compute_dtype
+    from capstone_lib.precision import compute_dtype
 
     sh = SHAPES[name] if vit_b32 is None else replace(SHAPES[name], vit_b32_check=vit_b32)
     prof = bench_profile(sh, dev)
     if name == "gpu":     # the profile's stage-1 micro-batch: 32 on an A100/H100, 16 on a T4
         sh = replace(sh, stage1_batch=prof.stage1.micro_batch_size)
-    precision, dtype = prof.runtime.precision, compute_dtype(prof)
+    precision, dtype = prof.runtime.precision, compute_dtype(prof.runtime.precision)
     t_start = time.perf_counter()
     from capstone_lib.lm_tuning import lm_tuning_levers
 
