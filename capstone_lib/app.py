@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -78,6 +79,12 @@ def history_of(messages: list[dict], max_exchanges: int = 16, max_chars: int = 2
     return history[: len(history) // 2 * 2]          # complete exchanges only
 
 
+def transcript_status(heard) -> str:
+    """The line shown under a spoken question: what Whisper heard, how sure of the language, how long."""
+    sure = f", {heard.language_probability:.0%} {heard.language}" if heard.language_probability else ""
+    return f"heard: *{heard.text}* (transcribed in {heard.seconds:.2f} s{sure})"
+
+
 def _lazy(factory: Callable[[], Assistant]) -> Callable[[], Assistant]:
     """Call ``factory`` once, on first use, from any thread."""
     lock, box = threading.Lock(), []
@@ -106,17 +113,18 @@ def build_app(assistant_factory: Callable[[], Assistant], title: str = "Course a
             assistant = get_assistant()
             pil = as_image(image)
             spoken = not (text or "").strip() and audio is not None
-            question = assistant.transcribe(audio).text if spoken else text
-            question = assistant.question(question)
+            heard = assistant.transcribe(audio) if spoken else None
+            question = assistant.question(heard.text if heard else text)
             history = history_of(messages, assistant.max_history_exchanges)
             chat = Chat(assistant, assistant.image_features(pil), history=history)
         except ValueError as exc:                  # AssistantError, AudioError, DataError
             raise gr.Error(str(exc)) from None
         messages += [{"role": "user", "content": f"{MIC}{question}" if spoken else question},
                      {"role": "assistant", "content": ""}]
-        status = f"heard: *{question}*" if spoken else ""
+        status = transcript_status(heard) if heard else ""
         settings = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                         top_p=float(top_p))
+        t0 = time.perf_counter()
         try:
             for piece in chat.stream(question, **settings):
                 messages[-1]["content"] += piece
@@ -125,6 +133,7 @@ def build_app(assistant_factory: Callable[[], Assistant], title: str = "Course a
             raise gr.Error(str(exc)) from None
         if not messages[-1]["content"]:
             messages[-1]["content"] = "(no answer)"
+        status = " · ".join(filter(None, [status, f"answered in {time.perf_counter() - t0:.2f} s"]))
         if chat.dropped_turns:
             status += f" (the {chat.dropped_turns} oldest turns were left out to fit the context)"
         yield messages, status, "", None
@@ -304,9 +313,12 @@ class NotebookDemo:
             self._error(str(exc))
             return ""
         spoken = not text.strip() and audio is not None
-        self.status.value = f"heard: <i>{html.escape(question)}</i>" if spoken else ""
+        heard = self.chat.assistant.last_transcript if spoken else None
+        status = html.escape(transcript_status(heard)) if heard else ""
+        self.status.value = status
         head = f"<b>You:</b> {html.escape(question)}<br><b>Assistant:</b> "
         pieces: list[str] = []
+        t0 = time.perf_counter()
         try:
             for piece in self.chat.stream(question, **self.generation):
                 pieces.append(piece)
@@ -314,6 +326,7 @@ class NotebookDemo:
         except ValueError as exc:
             self._error(str(exc))
             return ""
+        self.status.value = " · ".join(filter(None, [status, f"answered in {time.perf_counter() - t0:.2f} s"]))
         self._render()
         self.question.value, self.audio = "", None
         return "".join(pieces).strip()

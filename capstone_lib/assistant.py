@@ -43,6 +43,10 @@ def _setting(profile, section: str, key: str, default: Any) -> Any:
         return default
 
 
+# Uploads are shrunk to this side while they are read: every vision tower here reads 224 px or less.
+MAX_IMAGE_SIDE = 1024
+
+
 def as_image(image: Any, name: str = "image") -> Image.Image:
     """A PIL RGB image from a PIL image, a path, file bytes or an ``(H, W[, C])`` array; clear errors."""
     from .images import load_image, to_rgb
@@ -51,14 +55,14 @@ def as_image(image: Any, name: str = "image") -> Image.Image:
     if image is None:
         raise AssistantError("no image: upload or choose an image first")
     if isinstance(image, (str, Path)):
-        return load_image(image)                      # DataError names the file
+        return load_image(image, max_side=MAX_IMAGE_SIDE)   # DataError names the file
     if isinstance(image, (bytes, bytearray, memoryview)):   # an upload's content
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(name).name
             path.write_bytes(bytes(image))
             try:
-                return load_image(path)
+                return load_image(path, max_side=MAX_IMAGE_SIDE)
             except DataError as exc:
                 raise DataError(exc.message, path=name) from None
     if isinstance(image, Image.Image):

