@@ -273,6 +273,9 @@ from capstone_lib.spoken_set import (REPORT_VOICES, balanced_questions, build_sp
 from capstone_lib.voice_eval import evaluate_spoken, format_spoken
 
 n_spoken = profile.audio.spoken_questions if on_shapes else 0
+if not n_spoken:
+    print(f"the {profile.name} profile measures no spoken questions (audio.spoken_questions = 0"
+          f"{'' if on_shapes else '; real photos have no scene to score against'})")
 if n_spoken and missing_tools():
     assert profile.name != "cpu", f"the cpu course measures spoken questions: install {missing_tools()}"
     print(f"skipped: {' and '.join(missing_tools())} not installed (apt-get install espeak-ng sox)")
