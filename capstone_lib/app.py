@@ -79,10 +79,23 @@ def history_of(messages: list[dict], max_exchanges: int = 16, max_chars: int = 2
     return history[: len(history) // 2 * 2]          # complete exchanges only
 
 
-def transcript_status(heard) -> str:
-    """The line shown under a spoken question: what Whisper heard, how sure of the language, how long."""
-    sure = f", {heard.language_probability:.0%} {heard.language}" if heard.language_probability else ""
-    return f"heard: *{heard.text}* (transcribed in {heard.seconds:.2f} s{sure})"
+def transcript_status(heard, markup: str = "markdown") -> str:
+    """The line shown under a spoken question: what Whisper heard, how sure of the language, how long.
+
+    ``markup`` is ``"markdown"`` (the Gradio page) or ``"html"`` (the notebook widgets); the heard
+    text is escaped for it.
+    """
+    import html
+    import re
+
+    if markup == "html":
+        text = f"<i>{html.escape(heard.text)}</i>"
+    else:
+        text = "*" + re.sub(r"([\\`*_{}\[\]()<>#+!|~-])", r"\\\1", heard.text) + "*"
+    sure = ""
+    if heard.language_probability is not None:       # None: the language was fixed, not detected
+        sure = f", {heard.language} {heard.language_probability:.0%}"
+    return f"heard: {text} (transcribed in {heard.seconds:.2f} s{sure})"
 
 
 def _lazy(factory: Callable[[], Assistant]) -> Callable[[], Assistant]:
@@ -314,7 +327,7 @@ class NotebookDemo:
             return ""
         spoken = not text.strip() and audio is not None
         heard = self.chat.assistant.last_transcript if spoken else None
-        status = html.escape(transcript_status(heard)) if heard else ""
+        status = transcript_status(heard, markup="html") if heard else ""
         self.status.value = status
         head = f"<b>You:</b> {html.escape(question)}<br><b>Assistant:</b> "
         pieces: list[str] = []

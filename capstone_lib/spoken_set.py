@@ -6,12 +6,13 @@ Noise is mixed in when the set is used (:func:`mix_noise`): white noise at a fix
 clip, scaled so that the signal-to-noise ratio is exactly the one asked for (clean, 15 dB, 5 dB).
 
 Two disjoint sets of voices: decoding settings are chosen on ``VALIDATION_VOICES`` (questions
-of other held-out images) and reported on ``REPORT_VOICES``. Debian/Colab:
+of other held-out images; ``tools/bench_voice.py``) and reported on ``REPORT_VOICES`` (notebook 05). Debian/Colab:
 ``apt-get install espeak-ng sox``; without them :func:`build_spoken_set` says so.
 """
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -64,13 +65,15 @@ def synthesize(text: str, voice: str, speed: int, path: str | Path) -> Path:
                               "apt-get install espeak-ng sox) to build the spoken-question set")
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "raw.wav"
+        raw, out = Path(tmp) / "raw.wav", Path(tmp) / "16k.wav"
         for cmd in (["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(raw), "--", text],
-                    ["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(path)]):
+                    ["sox", str(raw), "-r", "16000", "-c", "1", "-b", "16", str(out)]):
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0 or (cmd[0] == "espeak-ng" and not raw.is_file()):
                 raise SpeechToolError(f"{cmd[0]} failed for {text!r} (voice {voice}): "
                                       f"{done.stderr.strip() or done.returncode}")
+        shutil.move(str(out), str(path.with_name(path.name + ".tmp")))
+    os.replace(path.with_name(path.name + ".tmp"), path)       # never a half-written clip
     return path
 
 
@@ -79,22 +82,29 @@ def mix_noise(samples: np.ndarray, snr_db: float | None, seed: int) -> np.ndarra
     if snr_db is None:
         return samples.astype(np.float32)
     signal_power = float(np.mean(np.square(samples, dtype=np.float64)))
+    if signal_power == 0.0:
+        raise ValueError("cannot mix noise at an SNR into silence (the signal has no power)")
     noise = np.random.default_rng(seed).standard_normal(samples.shape)
-    noise *= np.sqrt(signal_power / 10 ** (snr_db / 10))
+    noise *= np.sqrt(signal_power / 10 ** (snr_db / 10) / np.mean(np.square(noise)))   # exactly snr_db
     return np.clip(samples + noise, -1.0, 1.0).astype(np.float32)
 
 
 def snr_db(clean: np.ndarray, noisy: np.ndarray) -> float:
-    """Measured signal-to-noise ratio of ``noisy`` against ``clean`` (dB)."""
-    noise = noisy.astype(np.float64) - clean
-    return float(10 * np.log10(np.mean(np.square(clean, dtype=np.float64)) / np.mean(np.square(noise))))
+    """Measured signal-to-noise ratio of ``noisy`` against ``clean`` (dB; ``inf`` when they are equal)."""
+    noise_power = float(np.mean(np.square(noisy.astype(np.float64) - clean)))
+    signal_power = float(np.mean(np.square(clean, dtype=np.float64)))
+    if signal_power == 0.0:
+        raise ValueError("the clean signal has no power: its SNR is undefined")
+    return float("inf") if noise_power == 0.0 else float(10 * np.log10(signal_power / noise_power))
 
 
 def balanced_questions(questions: Sequence[dict], n: int, start: int = 0) -> list[dict]:
-    """``n`` questions from ``questions[start:]``, the same number of each type (in order)."""
+    """``n // types`` questions of each type from ``questions[start:]``, interleaved by type (in order)."""
     types = sorted({q["type"] for q in questions})
     per_type = {t: [q for q in questions[start:] if q["type"] == t] for t in types}
     k = n // max(len(types), 1)
+    if k == 0:
+        raise ValueError(f"asked for {n} questions: fewer than one of each of the {len(types)} types")
     short = [t for t in types if len(per_type[t]) < k]
     if short:
         raise ValueError(f"only {min(len(per_type[t]) for t in short)} questions of type {short[0]!r} "

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .audio import AudioError, decode_audio, duration, is_silent, reduce_noise
+
+
+def get_speech_timestamps(samples: np.ndarray) -> list[dict]:
+    """Speech chunks Silero VAD finds (faster-whisper's own voice-activity detector)."""
+    from faster_whisper.vad import get_speech_timestamps as vad_chunks
+    return vad_chunks(samples)
 
 BUNDLED = "bundled-tiny.en"
 BUNDLED_BASE = "bundled-base"
@@ -85,14 +92,17 @@ def bundled_base_path(cache: str | Path | None = None) -> Path:
     if model.is_file() and model.stat().st_size == size and all((out / n).is_file() for n in _BASE_FILES):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    for name in _BASE_FILES:
-        shutil.copyfile(src1 / name, out / name)
-    tmp = out / "model.bin.tmp"
-    with open(tmp, "wb") as dst:
-        for half in halves:
-            with open(half, "rb") as f:
-                shutil.copyfileobj(f, dst, 1 << 22)
-    os.replace(tmp, model)
+    for name, sources in [(n, [src1 / n]) for n in _BASE_FILES] + [("model.bin", halves)]:
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")   # each writer its own file: no race
+        try:
+            with os.fdopen(fd, "wb") as dst:
+                for source in sources:
+                    with open(source, "rb") as f:
+                        shutil.copyfileobj(f, dst, 1 << 22)
+            os.replace(tmp, out / name)                            # readers see whole files only
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return out
 
 
@@ -168,19 +178,21 @@ class Transcriber:
     @property
     def key(self) -> tuple:
         """The cache key: the settings that determine the loaded model."""
-        return (self.backend, self.model_name, self.device, self.compute_type, self.cpu_threads)
+        # whisperx fixes the language when it loads; faster-whisper takes it per call.
+        language = self.language if self.backend == "whisperx" else None
+        return (self.backend, self.model_name, self.device, self.compute_type, self.cpu_threads, language)
 
     @property
     def loaded(self) -> bool:
-        """True once the model is in memory (shared by all transcribers with the same key)."""
-        return self.key in Transcriber._cache
+        """True once the model (and the language-identification model, if any) is in memory."""
+        return self.key in Transcriber._cache and (not self.language_id_model or self._lid_key in Transcriber._cache)
 
     def load(self) -> Any:
         """Load the model (and the language-identification model, if another) once; return the model."""
         with Transcriber._lock:
             if self.key not in Transcriber._cache:
                 Transcriber._cache[self.key] = self._load()
-            if self.language_id_model and self._lid_key not in Transcriber._cache:
+            if self.language_id_model and self.backend != "whisperx" and self._lid_key not in Transcriber._cache:
                 from faster_whisper import WhisperModel
                 Transcriber._cache[self._lid_key] = WhisperModel(
                     resolve_model(self.language_id_model), device=self.device, compute_type=self.compute_type,
@@ -212,10 +224,10 @@ class Transcriber:
         name = str(audio) if isinstance(audio, (str, Path)) else None
         if is_silent(samples):
             raise AudioError("no speech: the recording is silent", name)
+        model, t0 = self.load(), time.perf_counter()
         if self.reduce_noise:
             samples = reduce_noise(samples)
-        model, t0 = self.load(), time.perf_counter()
-        if self.backend == "whisperx":
+        if self.backend == "whisperx":      # no prompt, noise or language settings: whisperx's own defaults
             out = model.transcribe(samples, batch_size=8, language=self.language)
             segments = [(s["start"], s["end"], s["text"].strip()) for s in out["segments"]]
             language, probability = out.get("language", self.language or ""), None
@@ -224,14 +236,9 @@ class Transcriber:
             parts, info = model.transcribe(samples, language=language, beam_size=self.beam_size,
                                            vad_filter=self.vad_filter, initial_prompt=self.initial_prompt,
                                            hotwords=self.hotwords)
-            parts = list(parts)                                            # runs the decoder
-            segments = [(s.start, s.end, s.text.strip()) for s in parts]
-            language = language or info.language
-            probability = probability if probability is not None else info.language_probability
-            if parts and all(s.no_speech_prob > NO_SPEECH_PROBABILITY for s in parts):
-                heard = " ".join(t for _, _, t in segments if t).strip()
-                raise AudioError(f"no clear speech in the recording (Whisper heard only {heard!r}, "
-                                 "and rates it as probably not speech); record the question again", name)
+            segments = [(s.start, s.end, s.text.strip()) for s in parts]   # runs the decoder
+            if language is None:                   # detected by the transcription itself
+                language, probability = info.language, info.language_probability
         text = " ".join(t for _, _, t in segments if t).strip()
         if not text:
             raise AudioError("no speech detected in the recording", name)
@@ -249,21 +256,26 @@ class Transcriber:
         lid = Transcriber._cache[self._lid_key] if self.language_id_model else model
         if self.pinned_language is not None or not getattr(lid.model, "is_multilingual", False):
             return self.language, None
+        if self.expected_language is None and self.language is not None:
+            return self.language, None             # English-only transcription, any language accepted
+        if self.vad_filter and not get_speech_timestamps(samples):
+            raise AudioError("no speech detected in the recording", name)   # nothing to tell a language by
         detected, p_detected, ranked = lid.detect_language(samples, vad_filter=self.vad_filter)
         if self.expected_language is None:
-            return self.language or detected, p_detected
+            return detected, p_detected
         p_expected = dict(ranked).get(self.expected_language, 0.0)
-        if p_expected >= self.min_language_probability:
+        if detected == self.expected_language or p_expected >= self.min_language_probability:
             return self.expected_language, p_expected
         parts, _ = lid.transcribe(samples, language=detected, beam_size=1, vad_filter=self.vad_filter)
-        heard = " ".join(s.text.strip() for s in parts).strip() or "(nothing)"
+        heard = " ".join(s.text.strip() for s in parts).strip()
+        if not heard:
+            raise AudioError("no speech detected in the recording", name)
         raise AudioError(f"this sounds like {language_name(detected)} ({p_detected:.0%} sure; "
                          f"{language_name(self.expected_language)} {p_expected:.0%}): heard {heard!r}. "
                          f"The assistant understands questions in {language_name(self.expected_language)}.",
                          name)
 
 
-NO_SPEECH_PROBABILITY = 0.6     # Whisper's own threshold for a segment that is probably not speech
 _LANGUAGES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian",
               "pt": "Portuguese", "nl": "Dutch", "pl": "Polish", "ru": "Russian", "zh": "Chinese",
               "ja": "Japanese", "ko": "Korean", "ar": "Arabic", "hi": "Hindi", "tr": "Turkish",

@@ -32,6 +32,11 @@ def test_noise_is_mixed_at_the_asked_snr_and_seed():
     np.testing.assert_array_equal(mix_noise(clean, 15.0, 3), mix_noise(clean, 15.0, 3))
     assert not np.array_equal(mix_noise(clean, 15.0, 3), mix_noise(clean, 15.0, 4))
     np.testing.assert_array_equal(mix_noise(clean, None, 3), clean)
+    assert snr_db(clean, clean) == float("inf")
+    with pytest.raises(ValueError, match="silence"):
+        mix_noise(np.zeros(1000, np.float32), 15.0, 0)
+    with pytest.raises(ValueError, match="no power"):
+        snr_db(np.zeros(1000), np.ones(1000))
 
 
 def test_noise_reduction_lifts_the_snr_and_leaves_clean_audio_alone():
@@ -51,6 +56,8 @@ def test_balanced_questions_take_the_same_number_of_each_type():
     assert [q["question"] for q in balanced_questions(qs, 3, start=3)] == ["color 1", "count 1", "shape 1"]
     with pytest.raises(ValueError, match="only 4 questions of type"):
         balanced_questions(qs, 15)
+    with pytest.raises(ValueError, match="fewer than one of each"):
+        balanced_questions(qs, 2)
 
 
 def test_missing_tools_are_named(monkeypatch, tmp_path):
@@ -78,9 +85,12 @@ def test_spoken_set_is_made_once_and_remade_when_its_voice_changes(tmp_path):
     assert again == items and [(tmp_path / it.clip).stat().st_mtime_ns for it in items] == stamps
     other = build_spoken_set(QUESTIONS, tmp_path, ["en-gb-scotland"], seed=0)
     assert {it.voice for it in other} == {"en-gb-scotland"}
-    assert (tmp_path / other[0].clip).stat().st_mtime_ns != stamps[0] or items[0].voice == "en-gb-scotland"
-    (tmp_path / "spoken_set.json").write_text("{not json")                   # a damaged list is rebuilt
+    remade = [(tmp_path / it.clip).stat().st_mtime_ns for it in other]
+    assert all(new != old for new, old in zip(remade, stamps))              # another voice: spoken again
+    (tmp_path / "spoken_set.json").write_text("{not json")                   # a damaged list: all remade
     assert build_spoken_set(QUESTIONS, tmp_path, ["en-gb-scotland"], seed=0) == other
+    assert all((tmp_path / it.clip).stat().st_mtime_ns != t for it, t in zip(other, remade))
+    assert not list(tmp_path.glob("*.tmp"))                                  # no half-written clip left
 
 
 def test_bundled_whisper_base_is_joined_once(tmp_path):
@@ -115,6 +125,8 @@ def test_language_gate_refuses_other_languages_and_names_what_it_heard(tmp_path)
     heard = gated.transcribe(english)
     assert heard.text.rstrip("?.").lower() == "how many shapes are there"
     assert heard.language == "en" and heard.language_probability >= gated.min_language_probability
+    assert gated.loaded                                    # both Whispers stay in memory
+    assert Transcriber(BUNDLED).transcribe(english).language_probability is None   # fixed, not detected
     # Without a language model an English-only Whisper cannot tell: it transcribes whatever it hears.
     assert Transcriber(BUNDLED).transcribe(spanish).language == "en"
     with pytest.raises(AudioError, match="no speech"):
@@ -145,6 +157,19 @@ def test_spoken_evaluation_scores_typed_and_heard_answers(tmp_path, tiny_tokeniz
     assert clean["transcript_exact"] >= 0.5 and clean["mean_transcribe_seconds"] > 0
     assert clean["accuracy"] >= clean["transcript_exact"]  # a question heard exactly is answered as typed
     assert noise["transcript_exact"] < 1.0                 # speech buried 20 dB under the noise
+    assert noise["refused"] < result["n"] or noise["accuracy"] == 0.0
     for wrong in result["wrong_examples"]:
         assert wrong["heard"] != wrong["question"] and not answers_match(wrong["answer"] or "", wrong["truth"])
     assert "typed accuracy 1.000" in format_spoken(result)
+
+
+def test_the_status_line_escapes_what_was_heard():
+    from capstone_lib.app import transcript_status
+    from capstone_lib.transcribe import Transcript
+
+    heard = Transcript("What *is* <b>this</b>?", "en", 0.83, 1.2, 0.456)
+    md = transcript_status(heard)
+    assert md == r"heard: *What \*is\* \<b\>this\</b\>?* (transcribed in 0.46 s, en 83%)"
+    assert transcript_status(heard, markup="html").startswith("heard: <i>What *is* &lt;b&gt;this&lt;/b&gt;?</i>")
+    pinned = Transcript("Where?", "en", None, 1.0, 0.5)
+    assert transcript_status(pinned) == "heard: *Where?* (transcribed in 0.50 s)"
