@@ -291,7 +291,9 @@ if n_spoken:
         print(cond); display(Audio(audio, rate=16_000))
 
 # %%
-SPOKEN_FLOORS = {"clean": 0.85, "snr15": 0.75}   # goals 0.90 / 0.80; measured in docs/EXPERIMENTS.md
+# Spoken accuracy may trail the same questions typed by at most this much (the goal: 0.90 / 0.80
+# when typed >= 0.95); measured gaps 0.02-0.08 clean, 0.08-0.14 at 15 dB over five runs (README).
+SPOKEN_MAX_GAP = {"clean": 0.12, "snr15": 0.18}
 if n_spoken:
     from tqdm.auto import tqdm
     with StageTimer(profile, "spoken") as timer:
@@ -311,8 +313,8 @@ if n_spoken:
         print(f"[{ex['condition']}, {ex['voice']}] said {ex['question']!r} heard {ex['heard']!r} "
               f"-> {ex['answer']!r} (right: {ex['truth']!r})")
     if profile.name == "cpu":
-        for cond, floor in SPOKEN_FLOORS.items():
-            assert spoken["conditions"][cond]["accuracy"] >= floor, (cond, spoken["conditions"][cond])
+        for cond, gap in SPOKEN_MAX_GAP.items():
+            assert spoken["conditions"][cond]["accuracy"] >= spoken["typed_accuracy"] - gap, (cond, spoken)
 
 # %% [markdown]
 # Speech in **another language** is not forced into an English question: a multilingual
