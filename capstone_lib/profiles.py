@@ -165,9 +165,8 @@ _CPU = _merge(_BASE, {
     # 9 image tokens + prompt + caption fit in the 128-token context of the notebook-01 LM.
     "stage1": dict(max_steps=400, max_len=128, micro_batch_size=32, grad_accum=1, eval_every=200,
                    save_every=200, n_eval_captions=64),
-    # Stage 2 steps: with fp32 on a 4-bit base 4500 met the bar (VQA >= 0.90, captions >= 0.80) on
-    # every seed tried; with this recipe `make seeds` measured seeds 1234 and 1236 above it and 1235
-    # below (VQA 0.873): too few to be safe (docs/EXPERIMENTS.md).
+    # Stage 2 steps: not yet enough to meet the bar on every runtime seed with this recipe
+    # (`make seeds`; docs/EXPERIMENTS.md has the per-seed figures).
     # A ~1M-parameter base needs no 4-bit: full precision is ~1.2x faster per step (make bench).
     "stage2": dict(max_steps=4500, lr=3e-3, projector_lr=1e-3, micro_batch_size=16, quantize_4bit=False,
                    grad_accum=1, lora_r=16, lora_alpha=32, eval_every=1000, save_every=1000),

@@ -22,7 +22,7 @@ def evaluate_spoken(assistant, items: Sequence[SpokenQuestion], clip_dir: str | 
                     max_new_tokens: int = 32, progress: Callable | None = None) -> dict[str, Any]:
     """Typed and spoken accuracy (per noise condition and type), transcript match, refusals, latency."""
     clip_dir, image_root = Path(clip_dir), Path(image_root)
-    typed, right = [], defaultdict(list)
+    typed: list[bool] = []
     by_type: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     exact, refused, seconds = defaultdict(int), defaultdict(list), defaultdict(list)
     examples: list[dict[str, Any]] = []
@@ -50,7 +50,6 @@ def evaluate_spoken(assistant, items: Sequence[SpokenQuestion], clip_dir: str | 
                 text = heard.text
                 exact[cond] += normalize_answer(text) == normalize_answer(item.question)
                 ok = answers_match(pred, item.answer)
-            right[cond].append(ok)
             by_type[cond][item.type].append(ok)
             if not ok and len(examples) < 12:
                 examples.append({"condition": cond, "voice": item.voice, "speed": item.speed,
@@ -59,7 +58,7 @@ def evaluate_spoken(assistant, items: Sequence[SpokenQuestion], clip_dir: str | 
     return {
         "n": len(items),
         "typed_accuracy": sum(typed) / n,
-        "conditions": {cond: {"accuracy": sum(right[cond]) / n,
+        "conditions": {cond: {"accuracy": sum(sum(v) for v in by_type[cond].values()) / n,
                               "by_type": {t: sum(v) / len(v) for t, v in sorted(by_type[cond].items())},
                               "transcript_exact": exact[cond] / n, "refused": len(refused[cond]),
                               "mean_transcribe_seconds": sum(seconds[cond]) / max(len(seconds[cond]), 1)}

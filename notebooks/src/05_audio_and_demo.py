@@ -268,7 +268,7 @@ timer.metrics
 # (`docs/EXPERIMENTS.md`). Needs `espeak-ng` and `sox` (Debian/Colab: `apt-get install espeak-ng sox`).
 
 # %%
-from capstone_lib.spoken_set import (REPORT_VOICES, balanced_questions, build_spoken_set, missing_tools,
+from capstone_lib.spoken_set import (CONDITIONS, REPORT_VOICES, balanced_questions, build_spoken_set, missing_tools,
                                      mix_noise, snr_db)
 from capstone_lib.voice_eval import evaluate_spoken, format_spoken
 
@@ -284,7 +284,7 @@ if n_spoken:
     questions = balanced_questions(json.loads(paths.eval_questions.read_text()), n_spoken)
     items = build_spoken_set(questions, WORK / "spoken", REPORT_VOICES, seed=profile.runtime.seed)
     first = decode_audio(WORK / "spoken" / items[0].clip)
-    noisy = {cond: mix_noise(first, snr, 0) for cond, snr in (("clean", None), ("snr15", 15.0), ("snr5", 5.0))}
+    noisy = {cond: mix_noise(first, snr, 0) for cond, snr in CONDITIONS.items()}
     print(f'"{items[0].question}" ({items[0].voice}, {items[0].speed} wpm); '
           f"measured SNR {snr_db(first, noisy['snr15']):.1f} and {snr_db(first, noisy['snr5']):.1f} dB")
     for cond, audio in noisy.items():
